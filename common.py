@@ -12,6 +12,7 @@ Sections, in order:
 Stages talk to each other only through files: HF-format checkpoint folders and JSONL.
 """
 import contextlib
+import hashlib
 import http.client
 import json
 import math
@@ -251,8 +252,11 @@ class Transformer(nn.Module):
             return (h @ self.output_weight_t).float()
         return F.linear(h, self.output_weight()).float()
 
-    def forward(self, input_ids, cu_seqlens=None):
-        return self.lm_head_logits(self.hidden_states(input_ids, cu_seqlens))
+    def forward(self, input_ids, cu_seqlens=None, logits_mask=None):
+        """fp32 logits [B, T, vocab]; with a bool logits_mask [B, T], only the selected positions'
+        logits [N, vocab] (the SFT loss skips the output layer on untrained prompt tokens)."""
+        h = self.hidden_states(input_ids, cu_seqlens)
+        return self.lm_head_logits(h if logits_mask is None else h[logits_mask])
 
     def values(self, input_ids, cu_seqlens=None):
         """Scalar value per position [B, T] (critic and Bradley-Terry reward model)."""
@@ -315,45 +319,66 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32, value_head=
 
 
 def save_model(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=4 << 30):
-    """Write an HF checkpoint folder (config, safetensors shards + index, tokenizer, chat template),
-    plus value_head.safetensors when the model has a head. Atomic: temp folder, then rename.
-    Under FSDP2 pass `state_dict=full_state_dict(model)` (every rank must call that; rank 0 saves)."""
-    from safetensors.torch import save_file
+    """Write an HF checkpoint (config, safetensors shards + index, tokenizer, chat template, and
+    value_head.safetensors when the model has a head) into out_dir, which may already hold a run's
+    metrics.jsonl and ckpt_* folders: those stay. The files are written to a hidden staging folder
+    and then moved in one by one (each move atomic; weights first, config.json last, so a reader
+    never sees a config next to half-written weights). Plain, DDP or FSDP2 model; under torchrun
+    every rank must call it (the FSDP2 gather is collective), rank 0 writes. `state_dict`: an
+    already gathered full state dict (skips the gather)."""
+    from torch.distributed.fsdp import FSDPModule
     cfg = unwrap(model).config
-    state = state_dict if state_dict is not None else unwrap(model).state_dict()
-    if not is_rank0():
-        return
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    head = {k.split(".", 1)[1]: state.pop(k) for k in list(state) if k.startswith("value_head.")}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    with atomic_dir(out_dir) as tmp:
-        shards, current, size = [], {}, 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[k] = v
-            size += nbytes
-        shards.append(current)
-        if len(shards) == 1:
-            save_file(shards[0], str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": {}}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(Path(tmp) / name), metadata={"format": "pt"})
-                index["weight_map"].update({k: name for k in shard})
-            (Path(tmp) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if head:
-            save_file(head, str(Path(tmp) / "value_head.safetensors"))
-        hf = dict(cfg.hf)
-        hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
-        hf.pop("quantization_config", None)
-        (Path(tmp) / "config.json").write_text(json.dumps(hf, indent=2))
-        tokenizer.save_pretrained(tmp)
+    state = state_dict
+    if state is None:
+        fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
+        state = full_state_dict(model) if fsdp else unwrap(model).state_dict()
+    out_dir = Path(out_dir)
+    if is_rank0():
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        head = {k.split(".", 1)[1]: state.pop(k) for k in list(state) if k.startswith("value_head.")}
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out_dir / ".staging_model") as tmp:
+            _write_hf_files(Path(tmp), state, head, cfg, tokenizer, max_shard_bytes)
+        staging = out_dir / ".staging_model"
+        for old in list(out_dir.glob("*.safetensors")) + list(out_dir.glob("*.safetensors.index.json")):
+            old.unlink()  # a previous save may have had a different sharding
+        for f in sorted(staging.iterdir(), key=lambda f: (f.name == "config.json", f.suffix != ".safetensors")):
+            os.replace(f, out_dir / f.name)
+        staging.rmdir()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_hf_files(folder, state, head, cfg, tokenizer, max_shard_bytes):
+    from safetensors.torch import save_file
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": {}}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            index["weight_map"].update({k: name for k in shard})
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if head:
+        save_file(head, str(folder / "value_head.safetensors"))
+    hf = dict(cfg.hf)
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    hf.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    tokenizer.save_pretrained(folder)
 
 
 def resolve_checkpoint(name_or_path) -> Path:
@@ -1375,3 +1400,315 @@ def map_concurrent(fn, items, max_workers=8, desc=None):
                 future.cancel()
             raise
     return results
+
+
+# =============================================================================================
+# 8. SFT training (SPEC 1.3 warm start, SPEC 1.1 GRM fine-tune, SPEC 2 TA / student)
+# =============================================================================================
+# Shared by sft.py, train_grm.py (GRM mode) and distill_micota.py (sft step).
+
+def pack_documents(lengths, token_budget):
+    """Greedy first-fit-decreasing packing of documents into micro-batches.
+
+    Returns a list of micro-batches, each a list of indices into `lengths`, whose lengths sum to at
+    most `token_budget`. Deterministic: documents are placed longest first (ties by index), each
+    into the first micro-batch with room. Raises ValueError for a document longer than the budget.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins, room = [], []
+    for i in order:
+        n = lengths[i]
+        if n > token_budget:
+            raise ValueError(f"document {i} has {n} tokens, more than the token budget {token_budget}")
+        for b in range(len(bins)):
+            if room[b] >= n:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(token_budget - n)
+    return bins
+
+
+def _sft_targets(ids, mask):
+    # Position j predicts token j+1; it is trained only when token j+1 is an assistant token.
+    # The last position of a document predicts nothing (no loss across document boundaries).
+    return [ids[j + 1] if mask[j + 1] else -100 for j in range(len(ids) - 1)] + [-100]
+
+
+def packed_sft_batch(docs, device="cpu"):
+    """Pack (ids, mask) documents into one micro-batch for the packed forward.
+
+    Returns {"input_ids": [1, T], "targets": [1, T] (-100 = no loss), "cu_seqlens": int32 [n+1]}.
+    Attention is document-causal and positions restart per document (the model does this from
+    cu_seqlens), so packing gives the same loss as running each document alone.
+    """
+    ids, targets, cu = [], [], [0]
+    for d_ids, d_mask in docs:
+        ids.extend(d_ids)
+        targets.extend(_sft_targets(d_ids, d_mask))
+        cu.append(cu[-1] + len(d_ids))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long, device=device),
+            "targets": torch.tensor([targets], dtype=torch.long, device=device),
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int32, device=device)}
+
+
+def padded_sft_batch(docs, device="cpu", pad_id=0):
+    """Right-padded [B, T] micro-batch (the layout of a padded trainer; used by the benchmark and
+    tests). With causal attention right padding never affects real tokens, so no mask is needed."""
+    T = max(len(d_ids) for d_ids, _ in docs)
+    ids = [d_ids + [pad_id] * (T - len(d_ids)) for d_ids, _ in docs]
+    targets = [_sft_targets(d_ids, d_mask) + [-100] * (T - len(d_ids)) for d_ids, d_mask in docs]
+    return {"input_ids": torch.tensor(ids, dtype=torch.long, device=device),
+            "targets": torch.tensor(targets, dtype=torch.long, device=device),
+            "cu_seqlens": None}
+
+
+def sft_loss_sum(model, batch):
+    """Sum of next-token cross-entropies over the trained (assistant) tokens of a micro-batch.
+
+    Returns (loss_sum, n_tokens). Summing (not averaging) per micro-batch keeps the loss an exact
+    token mean over the whole global batch: the caller divides by the global token count.
+    """
+    targets = batch["targets"]
+    keep = targets != -100
+    # Output layer and cross-entropy only where there is a loss: prompts are most of the tokens in
+    # persona SFT, and the 49k-vocab head is a large share of a small model's step.
+    logits = model(batch["input_ids"], batch["cu_seqlens"], logits_mask=keep)  # [N, vocab]
+    loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss_sum, int(keep.sum())
+
+
+def _sft_n_targets(doc):
+    return sum(doc[1][1:])
+
+
+def _sft_param_groups(model, weight_decay):
+    # Weight decay on matrices (linear and embedding weights), none on norms and biases.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _sft_autocast(env, bf16):
+    """bf16 autocast: bf16="auto" turns it on for CUDA with bf16 support; "on" forces it (also on
+    CPU, where it helps on AVX512-BF16 machines); "off" keeps fp32."""
+    dev = torch.device(env.device).type
+    if bf16 == "on" or (bf16 == "auto" and dev == "cuda" and torch.cuda.is_bf16_supported()):
+        return lambda: torch.autocast(dev, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _sft_no_sync(model, skip_sync):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP / FSDP2)."""
+    if not skip_sync:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return fsdp_no_sync()
+    return contextlib.nullcontext()
+
+
+def _rank_share(microbatches, env):
+    """Deterministic sharding: every rank sees the same global list of micro-batches (sorted by
+    size, largest first, for balance) and takes every world_size-th one. All ranks run the same
+    number of forward/backward passes (collectives of DDP / FSDP2 need it): ranks with one fewer
+    run a dummy pass whose loss is multiplied by zero."""
+    mine = microbatches[env.rank::env.world_size]
+    n_passes = math.ceil(len(microbatches) / env.world_size)
+    return mine, n_passes
+
+
+@torch.no_grad()
+def sft_eval_loss(model, docs, token_budget, env, autocast=contextlib.nullcontext):
+    """Token-mean cross-entropy of the assistant tokens of `docs` (all ranks together)."""
+    if not docs:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    lengths = [len(d[0]) for d in docs]
+    mbs = pack_documents(lengths, token_budget)
+    mbs.sort(key=lambda mb: -sum(lengths[i] for i in mb))
+    mine, n_passes = _rank_share(mbs, env)
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for j in range(n_passes):
+        real = j < len(mine)
+        batch = packed_sft_batch([docs[i] for i in (mine[j] if real else mbs[0][:1])], env.device)
+        with autocast():
+            loss_sum, n = sft_loss_sum(model, batch)
+        if real:
+            total += torch.tensor([loss_sum.item(), n], dtype=torch.float64, device=env.device)
+    total = all_reduce_sum(total)
+    model.train(was_training)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _sft_fingerprint(docs):
+    h = hashlib.sha256()
+    for ids, mask in docs:
+        h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        h.update(bytes(mask))
+    return h.hexdigest()[:16]
+
+
+def sft_train(model, tokenizer, train_docs, eval_docs, args, out_dir, env):
+    """Supervised fine-tuning with loss on assistant tokens only. Returns a dict of final metrics
+    (None when stopped early by args.stop_at_step).
+
+    train_docs / eval_docs: lists of (ids, mask) from conversation_ids_and_mask; each must fit in
+    args.token_budget. `model` is an unwrapped Transformer already on env.device; it is wrapped
+    here ("ddp" when world_size > 1, "fsdp" with args.fsdp) and the final weights are saved in HF
+    format to out_dir (with `tokenizer`).
+
+    Batching: one optimizer step = `args.global_batch` DOCUMENTS (sequences, as in HF's
+    per-device batch x grad-accum x ranks), whatever the token budget or number of ranks. Each
+    epoch shuffles the documents with seed + epoch; the step's documents are packed into
+    micro-batches of at most `args.token_budget` tokens, shared round-robin across ranks, and the
+    loss is the exact token mean over the whole global batch (sum of token cross-entropies divided
+    by the step's trained-token count). So 1 process and N processes, packed or not, follow the same
+    loss curve. The last step of an epoch may hold fewer documents (nothing is dropped).
+
+    args fields read (argparse Namespace): lr, min_lr_ratio (0.0), warmup_ratio, weight_decay,
+    grad_clip, epochs, max_steps (0 = epochs x steps per epoch), global_batch, token_budget,
+    eval_every (0 = only at the end), save_every (0 = never), keep_checkpoints (2), seed, resume,
+    fsdp, bf16 ("auto" | "on" | "off"), stop_at_step (0; >0 stops after that step without the
+    final save, as if the job were killed: for testing --resume). Missing optional ones take the
+    defaults in parentheses.
+
+    Checkpoints: out_dir/ckpt_XXXXXX (step number) via save_training_state (model, optimizer, RNG,
+    step; written atomically); --resume continues from latest_checkpoint(out_dir). The data
+    position follows from the step (epoch = step // steps_per_epoch, shuffles are re-derived from
+    the seed), so no document is lost or repeated. Metrics: out_dir/metrics.jsonl.
+    """
+    out_dir = Path(out_dir)
+    opt = lambda name, default: getattr(args, name, default)  # noqa: E731
+    W, device = env.world_size, env.device
+    G = args.global_batch
+    if not train_docs:
+        raise ValueError("sft_train: no training documents")
+    max_len = max(len(d[0]) for d in train_docs + list(eval_docs))
+    if max_len > args.token_budget:
+        raise ValueError(f"sft_train: a document has {max_len} tokens, more than --token-budget "
+                         f"{args.token_budget}; raise the budget or lower the max length")
+
+    steps_per_epoch = math.ceil(len(train_docs) / G)
+    total_steps = opt("max_steps", 0) or args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_ratio * total_steps)
+    plan = {"n_train": len(train_docs), "global_batch": G, "seed": args.seed,
+            "total_steps": total_steps, "data": _sft_fingerprint(train_docs)}
+
+    torch.manual_seed(args.seed)
+    model.train()
+    model = wrap_model(model, "fsdp" if opt("fsdp", False) else ("ddp" if W > 1 else "none"), env)
+    optimizer = torch.optim.AdamW(_sft_param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    autocast = _sft_autocast(env, opt("bf16", "auto"))
+
+    start_step = 0
+    ckpt = latest_checkpoint(out_dir) if opt("resume", False) else None
+    if ckpt is not None:
+        start_step, extra = load_training_state(ckpt, model, optimizer)
+        if extra.get("plan") != plan:
+            raise ValueError(f"--resume: {ckpt} was made with a different data or batch plan "
+                             f"({extra.get('plan')} vs {plan}); use a new --out or the same flags")
+        print0(f"resumed from {ckpt} at step {start_step}/{total_steps}")
+    elif opt("resume", False):
+        print0(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+
+    logger = MetricsLogger(out_dir / "metrics.jsonl")
+    lengths = [len(d[0]) for d in train_docs]
+    epoch_order = {}
+    last_loss, eval_loss = float("nan"), float("nan")
+    bar = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not is_rank0(),
+               dynamic_ncols=True)
+    t_last = time.time()
+    for step in range(start_step, total_steps):
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in epoch_order:
+            g = torch.Generator().manual_seed(args.seed + epoch)
+            epoch_order = {epoch: torch.randperm(len(train_docs), generator=g).tolist()}
+        step_docs = epoch_order[epoch][k * G:(k + 1) * G]
+        mbs = [[step_docs[i] for i in mb]
+               for mb in pack_documents([lengths[i] for i in step_docs], args.token_budget)]
+        mbs.sort(key=lambda mb: -sum(lengths[i] for i in mb))
+        n_targets = sum(_sft_n_targets(train_docs[i]) for i in step_docs)
+        mine, n_passes = _rank_share(mbs, env)
+
+        # Forward/backward over this rank's micro-batches. The per-rank loss is scaled by W because
+        # DDP and FSDP2 average gradients over ranks; the result is the global token mean.
+        local = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, input tokens)
+        for j in range(n_passes):
+            real = j < len(mine)
+            docs = [train_docs[i] for i in (mine[j] if real else mbs[0][:1])]
+            batch = packed_sft_batch(docs, device)
+            with _sft_no_sync(model, j < n_passes - 1):
+                with autocast():
+                    loss_sum, _ = sft_loss_sum(model, batch)
+                (loss_sum * (W / max(n_targets, 1) if real else 0.0)).backward()
+            if real:
+                local += torch.tensor([loss_sum.item(), batch["input_ids"].numel()],
+                                      dtype=torch.float64, device=device)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        lr = cosine_lr(step, total_steps, warmup_steps, args.lr, opt("min_lr_ratio", 0.0))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        total = all_reduce_sum(local)
+        last_loss = total[0].item() / max(n_targets, 1)
+        now = time.time()
+        row = {"step": step + 1, "epoch": round(epoch + (k + 1) / steps_per_epoch, 4),
+               "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
+               "trained_tokens": n_targets, "input_tokens": int(total[1].item()),
+               "micro_batches": len(mbs), "tok_per_s": total[1].item() / max(now - t_last, 1e-9)}
+        eval_every = opt("eval_every", 0)
+        if eval_docs and (step + 1 == total_steps or (eval_every and (step + 1) % eval_every == 0)):
+            eval_loss = sft_eval_loss(model, eval_docs, args.token_budget, env, autocast)
+            row["eval_loss"] = eval_loss
+        logger.log(row)
+        bar.set_postfix(loss=f"{last_loss:.4f}", eval=f"{eval_loss:.4f}", lr=f"{lr:.2e}")
+        bar.update(1)
+
+        save_every = opt("save_every", 0)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
+            save_training_state(out_dir / f"ckpt_{step + 1:06d}", model, optimizer, step + 1,
+                                {"plan": plan})
+            _sft_prune_checkpoints(out_dir, opt("keep_checkpoints", 2))
+        t_last = time.time()  # checkpoint and eval time do not count towards tok_per_s
+        if opt("stop_at_step", 0) and step + 1 == args.stop_at_step and step + 1 < total_steps:
+            bar.close()
+            logger.close()
+            print0(f"stopped after step {step + 1} (--stop-at-step); continue with --resume")
+            return None
+    bar.close()
+
+    if eval_docs and start_step == total_steps:
+        eval_loss = sft_eval_loss(model, eval_docs, args.token_budget, env, autocast)
+    save_model(model, tokenizer, out_dir)
+    result = {"final_step": total_steps, "train_loss": last_loss, "eval_loss": eval_loss}
+    logger.log({"final": True, **result})
+    logger.close()
+    print0(f"saved {out_dir} (HF format); final train loss {last_loss:.4f}, eval loss {eval_loss:.4f}")
+    return result
+
+
+def _sft_prune_checkpoints(out_dir, keep):
+    if not is_rank0() or not keep:
+        return
+    ckpts = sorted(p for p in Path(out_dir).glob("ckpt_*") if p.is_dir() and p.name[5:].isdigit())
+    for p in ckpts[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
