@@ -754,7 +754,7 @@ def format_grm_output(critique, scores):
 
 
 _FULLWIDTH = str.maketrans("０１２３４５６７８９＋－：　", "0123456789+-: ")
-_SCORE_RE = re.compile(r"(helpfulness|personalization|personalisation|natural(?:ness)?)\s*[:：=]?\s*"
+_SCORE_RE = re.compile(r"(helpfulness|personalization|personalisation|natural(?:ness)?)\**\s*[:：=]?\s*"
                        r"\**\s*([+\-−–]?\s*\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
