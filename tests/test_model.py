@@ -175,3 +175,22 @@ def test_flash_or_sdpa_flash_matches_math_path():
     ref = torch.cat([common.attention(q[:, a:b].float(), k[:, a:b].float(), v[:, a:b].float())
                      for a, b in ((0, 100), (100, 300))], dim=1)
     assert (fast.float() - ref).abs().max().item() < 2e-2
+
+
+def test_top_p_fast_path_equals_full_sort():
+    """The top-256 shortcut of sample_next keeps exactly the nucleus a full sort keeps."""
+    torch.manual_seed(0)
+    for temp_scale in (0.3, 1.0, 8.0):  # peaked to nearly flat: the flat one takes the fallback
+        logits = torch.randn(4, 5000) * temp_scale
+        for top_p in (0.5, 0.9, 0.99):
+            sorted_p, order = torch.sort(torch.softmax(logits, -1), descending=True)
+            keep = (torch.cumsum(sorted_p, -1) - sorted_p) < top_p
+            expect = torch.zeros_like(keep).scatter(-1, order, keep)
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(20):
+                tok, lp = common.sample_next(logits, 1.0, top_p, 0, gen)
+                assert expect[torch.arange(4), tok].all()
+            mass = (torch.softmax(logits, -1) * expect).sum(-1)
+            tok, lp = common.sample_next(logits, 1.0, top_p, 0, gen)
+            ref = torch.log(torch.softmax(logits, -1)[torch.arange(4), tok] / mass)
+            assert torch.allclose(lp, ref, atol=1e-5)
