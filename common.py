@@ -771,7 +771,8 @@ def grm_reward(scores):
 DistEnv = namedtuple("DistEnv", "rank local_rank world_size device")
 
 
-def _is_dist():
+def is_distributed():
+    """True under torchrun (a process group exists)."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -792,7 +793,7 @@ def dist_init(device=None):
             device = torch.device("cuda", local_rank)
         # nccl and FSDP2 both use the "current" device: set it before the process group.
         torch.cuda.set_device(device)
-    if world_size > 1 and not _is_dist():
+    if world_size > 1 and not is_distributed():
         if device.type == "cuda":
             dist.init_process_group("nccl", device_id=device)
         else:
@@ -801,13 +802,13 @@ def dist_init(device=None):
 
 
 def dist_cleanup():
-    if _is_dist():
+    if is_distributed():
         dist.barrier()  # no rank tears down while another still talks to it
         dist.destroy_process_group()
 
 
 def is_rank0():
-    if _is_dist():
+    if is_distributed():
         return dist.get_rank() == 0
     # Before dist_init (or without torchrun) the environment still tells us who we are.
     return int(os.environ.get("RANK", 0)) == 0
@@ -836,7 +837,7 @@ def wrap_model(model, mode, env):
     model = model.to(env.device)
     if mode == "none":
         return model
-    if not _is_dist():
+    if not is_distributed():
         print0(f"wrap_model: no process group (not under torchrun); mode {mode!r} runs as 'none'")
         return model
     if mode == "ddp":
@@ -921,7 +922,7 @@ def unsharded(model):
 
 def all_reduce_sum(tensor):
     """Sum `tensor` over ranks in place (and return it); unchanged in a single process."""
-    if _is_dist():
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -1156,7 +1157,7 @@ def save_training_state(ckpt_dir, model, optimizer, step, extra=None):
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     # Each rank has its own RNG stream (e.g. seeded with seed + rank); keep all of them.
     rng = _rng_state()
-    if _is_dist():
+    if is_distributed():
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng)
     else:
@@ -1171,7 +1172,7 @@ def save_training_state(ckpt_dir, model, optimizer, step, extra=None):
         }
         with atomic_dir(ckpt_dir) as tmp:
             torch.save(state, tmp / CKPT_FILE)
-    if _is_dist():
+    if is_distributed():
         dist.barrier()  # nobody reads or deletes the checkpoint before it exists
 
 
@@ -1195,7 +1196,7 @@ def load_training_state(ckpt_dir, model, optimizer):
             raise FileNotFoundError(f"load_training_state: {path} does not exist")
         # weights_only=False: our own file, and `extra` / RNG states are plain pickled Python.
         state = torch.load(path, map_location="cpu", weights_only=False)
-    distributed = _is_dist()
+    distributed = is_distributed()
     options = StateDictOptions(
         full_state_dict=True, cpu_offload=True, broadcast_from_rank0=distributed
     )

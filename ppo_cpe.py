@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import common
 from common import (
+    is_distributed,
     DEFAULT_MODEL, MetricsLogger, all_reduce_sum, chat_prompt_ids, conversation_ids_and_mask,
     dist_cleanup, dist_init, full_state_dict, generate, grm_messages, grm_reward, is_rank0,
     latest_checkpoint, load_model, load_training_state, pack_sequences, parse_grm_critique,
@@ -673,12 +674,9 @@ def save_checkpoint(args, step, actor, critic, opt_a, opt_c, tok):
         for old in out.glob("ckpt_*"):  # keep only the newest training state (they are large)
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-    if env_is_dist():
+    if is_distributed():
         torch.distributed.barrier()
 
-
-def env_is_dist():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def missing_input(path, command):

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import common
 from common import (
+    is_distributed,
     DEFAULT_MODEL, DataError, MetricsLogger, all_reduce_sum, append_jsonl, chat_completion,
     chat_prompt_ids, conversation_ids_and_mask, cosine_lr, dist_cleanup, dist_init, format_grm_output,
     generate, grm_messages, grm_reward, is_rank0, latest_checkpoint, load_model, load_training_state,
@@ -399,7 +400,7 @@ def run_grm(args, env):
             raise DataError(f"{grm_path}: file not found, and no pairs file to annotate from: {args.pairs}")
         if is_rank0():
             annotate(args, pairs, grm_path)
-        if env_is_distributed():
+        if is_distributed():
             torch.distributed.barrier()
         if not grm_path.exists():
             raise SystemExit("annotation is incomplete (failed teacher calls): rerun to continue it")
@@ -638,9 +639,6 @@ def run_bt(args, env):
         (out / "heldout_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
-
-def env_is_distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def main(argv=None):
