@@ -480,6 +480,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         self.rows = torch.arange(batch, device=device)
         self.prefill_index = None  # (row, position) of every packed prompt token
+        self.max_length = 0  # host copy of lengths.max(): no device sync inside the layers
 
     def start_prefill(self, prompt_lengths):
         lens = torch.as_tensor(prompt_lengths, device=self.lengths.device)
@@ -488,6 +489,11 @@ class KVCache:
         pos = torch.arange(int(lens.sum()), device=lens.device) - starts
         self.prefill_index = (rows, pos)
         self.lengths = lens.to(torch.int32)
+        self.max_length = max(int(n) for n in prompt_lengths)
+
+    def advance(self):  # every row's length grows by one after a decode step
+        self.lengths += 1
+        self.max_length += 1
 
     def write_prefill(self, layer, k, v):  # k, v [total_tokens, KV, D]
         self.k[layer][self.prefill_index] = k
@@ -500,7 +506,7 @@ class KVCache:
                                            cache_seqlens=self.lengths, causal=True)
         self.k[layer][self.rows, self.lengths.long()] = k[:, 0]
         self.v[layer][self.rows, self.lengths.long()] = v[:, 0]
-        span = int(self.lengths.max()) + 1  # attend only over the filled prefix of the cache
+        span = self.max_length + 1  # attend only over the filled prefix of the cache
         keys = self.k[layer][:, :span].transpose(1, 2)
         vals = self.v[layer][:, :span].transpose(1, 2)
         mask = torch.arange(span, device=q.device)[None, :] <= self.lengths[:, None].long()
@@ -582,7 +588,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         h = model.hidden_states(tok[:, None], positions=cache.lengths.long()[:, None], cache=cache)
-        cache.lengths += 1
+        cache.advance()
         logits = model.lm_head_logits(h[:, -1])
     n = n_new.tolist()
     toks, lps = out_tokens.tolist(), out_logprobs.tolist()
@@ -923,7 +929,12 @@ def unsharded(model):
 def all_reduce_sum(tensor):
     """Sum `tensor` over ranks in place (and return it); unchanged in a single process."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if dist.get_backend() == "nccl" and not tensor.is_cuda:  # nccl reduces GPU tensors only
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

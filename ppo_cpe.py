@@ -538,9 +538,11 @@ def prepare_advantages(args, env, actor, critic, ref, samples):
         rewards = rewards - args.kl_coef * (old_logp - ref_logp) * mask
     advantages, returns = gae_advantages(values, rewards, mask, args.gamma, args.lam)
     advantages = masked_whiten(advantages, mask, reduce=all_reduce_sum if env.world_size > 1 else None)
-    return dict(seqs=seqs, starts=starts, mask=mask, old_logp=old_logp, values=values, returns=returns,
-                advantages=advantages, edit_logp=edit_logp, ref_logp=ref_logp,
-                is_edit=torch.tensor([s["is_edit"] for s in samples]))
+    batch = dict(mask=mask, old_logp=old_logp, values=values, returns=returns, advantages=advantages,
+                 edit_logp=edit_logp, ref_logp=ref_logp, is_edit=torch.tensor([s["is_edit"] for s in samples]))
+    device = unwrap(actor).output_weight().device  # the losses are computed there
+    batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+    return dict(batch, seqs=seqs, starts=starts)
 
 
 def microbatch_losses(args, actor, critic, b, micro):

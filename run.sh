@@ -5,6 +5,8 @@
 #   bash run.sh              # everything, CPU-sized defaults
 #   SKIP_INSTALL=1 bash run.sh
 #   PPO_STEPS=8 bash run.sh  # longer PPO runs
+#   PROFILE=gpu SKIP_INSTALL=1 bash run.sh   # one CUDA GPU: all GRM data, full fine-tunes, bigger PPO
+#   GRM_ARGS=... BT_ARGS=... PPO_ARGS=... EVAL_ARGS=... SFT_ARGS=...   # extra flags per stage
 #
 # Stages (each writes its folder under out/, with metrics.jsonl):
 #   sft.py -> out/sft                    SFT warm start (SPEC 1.3)
@@ -17,6 +19,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
+if [ "${PROFILE:-cpu}" = gpu ]; then  # sizes for one GPU (minutes on an H100), not for 2 CPU cores
+  PPO_STEPS=${PPO_STEPS:-12}
+  : "${SFT_ARGS:=--epochs 3}"
+  : "${GRM_ARGS:=--max-train 0 --freeze-layers 0 --epochs 3 --lr 1e-4 --eval-pairs 0}"
+  : "${BT_ARGS:=--max-train 0 --freeze-layers 0 --epochs 2 --eval-pairs 0}"
+  : "${PPO_ARGS:=--prompts-per-step 16 --samples 2 --max-new-tokens 160}"
+  : "${EVAL_ARGS:=--limit 0}"
+fi
 PPO_STEPS=${PPO_STEPS:-4}
 
 if [ -z "${SKIP_INSTALL:-}" ]; then
@@ -28,20 +38,20 @@ fi
 
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 
-step "1/5 SFT";                     python3 sft.py --out out/sft
-step "2/5 GRM";                     python3 train_grm.py --out out/grm
-step "2/5 Bradley-Terry RM";        python3 train_grm.py --mode bt --out out/bt
+step "1/5 SFT";                     python3 sft.py --out out/sft ${SFT_ARGS:-}
+step "2/5 GRM";                     python3 train_grm.py --out out/grm ${GRM_ARGS:-}
+step "2/5 Bradley-Terry RM";        python3 train_grm.py --mode bt --out out/bt ${BT_ARGS:-}
 step "3/5 PPO + Critique-Post-Edit, GRM reward"
-python3 ppo_cpe.py --sft out/sft --reward grm --grm out/grm --max-steps "$PPO_STEPS" --out out/ppo_cpe
+python3 ppo_cpe.py --sft out/sft --reward grm --grm out/grm --max-steps "$PPO_STEPS" ${PPO_ARGS:-} --out out/ppo_cpe
 step "3/5 plain PPO, GRM reward"
-python3 ppo_cpe.py --sft out/sft --reward grm --grm out/grm --no-edit --max-steps "$PPO_STEPS" --out out/ppo_grm
+python3 ppo_cpe.py --sft out/sft --reward grm --grm out/grm --no-edit --max-steps "$PPO_STEPS" ${PPO_ARGS:-} --out out/ppo_grm
 step "3/5 plain PPO, BT reward"
-python3 ppo_cpe.py --sft out/sft --reward bt --bt out/bt --no-edit --max-steps "$PPO_STEPS" --out out/ppo_bt
+python3 ppo_cpe.py --sft out/sft --reward bt --bt out/bt --no-edit --max-steps "$PPO_STEPS" ${PPO_ARGS:-} --out out/ppo_bt
 
 step "4/5 evaluation"
 for pair in base:smollm2-135m-instruct sft:out/sft ppo_cpe:out/ppo_cpe/actor ppo_grm:out/ppo_grm/actor ppo_bt:out/ppo_bt/actor; do
   name=${pair%%:*}; policy=${pair#*:}
-  python3 eval_persona.py winrate --policy "$policy" --judge rubric --max-new-tokens 160 --out "out/eval/$name"
+  python3 eval_persona.py winrate --policy "$policy" --judge rubric --max-new-tokens 160 ${EVAL_ARGS:-} --out "out/eval/$name"
 done
 python3 eval_persona.py accuracy --data data/persona_world/pairs.jsonl --judge grm --model out/grm \
   --grm-max-new-tokens 160 --out out/eval/acc_grm

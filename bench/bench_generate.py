@@ -77,14 +77,17 @@ def ours_run(batch, sample):
     assert all(len(t) == args.new_tokens for t in g.tokens)
 
 
+PAD = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # newer converters set no pad
+
+
 def hf_run(batch, sample):
     width = max(len(p) for p in batch)  # left padding, explicit mask (pad id == <|im_end|> here)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in batch], device=device)
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in batch], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
     kw = dict(do_sample=True, temperature=0.9, top_p=0.9, top_k=0) if sample else dict(do_sample=False)
     with torch.no_grad():
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                          eos_token_id=None, pad_token_id=tok.pad_token_id, **kw)
+                          eos_token_id=None, pad_token_id=PAD, **kw)
     assert out.shape[1] == width + args.new_tokens
 
 
