@@ -12,6 +12,7 @@ Sections, in order:
 Stages talk to each other only through files: HF-format checkpoint folders and JSONL.
 """
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -504,8 +505,9 @@ class KVCache:
         if use_flash(q):
             return flash_attn_with_kvcache(q, self.k[layer], self.v[layer], k, v,
                                            cache_seqlens=self.lengths, causal=True)
-        self.k[layer][self.rows, self.lengths.long()] = k[:, 0]
-        self.v[layer][self.rows, self.lengths.long()] = v[:, 0]
+        slots = self.rows * self.k.shape[2] + self.lengths.long()  # (row, length) in a flat [B * max_len] view
+        self.k[layer].view(-1, *k.shape[2:]).index_copy_(0, slots, k[:, 0])
+        self.v[layer].view(-1, *v.shape[2:]).index_copy_(0, slots, v[:, 0])
         span = self.max_length + 1  # attend only over the filled prefix of the cache
         keys = self.k[layer][:, :span].transpose(1, 2)
         vals = self.v[layer][:, :span].transpose(1, 2)
@@ -525,19 +527,25 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
     logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
+    V = logits.shape[-1]
+    if top_p < 1.0 and (not top_k or top_k >= V) and V > 256:
+        # The nucleus almost always lies within the top 256 tokens: sample among those (no pass over
+        # the whole vocabulary besides one topk and one logsumexp). Exact: when the top 256 hold
+        # less than top_p of the mass in some row, the full-vocabulary path below runs instead.
+        top, order = torch.topk(logits, 256, dim=-1)
+        probs = torch.exp(top - torch.logsumexp(logits, -1, keepdim=True))
+        if not bool((probs.sum(-1) < top_p).any()):
+            keep = (torch.cumsum(probs, -1) - probs) < top_p  # the mass before a token is below top_p
+            kept = probs * keep
+            pick = torch.multinomial(kept, 1, generator=generator)
+            tok = order.gather(-1, pick)[:, 0]
+            return tok, torch.log(kept.gather(-1, pick)[:, 0] / kept.sum(-1))
+    if top_k and top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        # Sorting the whole vocabulary every step is slow; the nucleus almost always lies within the
-        # top 256 tokens, so sort those and fall back to a full sort only when it does not (exact).
-        probs = torch.softmax(logits, -1)
-        k = min(256, logits.shape[-1])
-        top_probs, order = torch.topk(probs, k, dim=-1)
-        if bool((top_probs.sum(-1) < top_p).any()):
-            top_probs, order = torch.sort(probs, descending=True, dim=-1)
-        # keep a token while the mass before it is below top_p (the first token always stays)
-        keep_sorted = (torch.cumsum(top_probs, -1) - top_probs) < top_p
+        sorted_probs, order = torch.sort(torch.softmax(logits, -1), descending=True, dim=-1)
+        keep_sorted = (torch.cumsum(sorted_probs, -1) - sorted_probs) < top_p  # the first always stays
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
         logits = logits.masked_fill(~keep, float("-inf"))
     logp = torch.log_softmax(logits, -1)
@@ -755,6 +763,69 @@ def parse_grm_critique(text):
     if m:
         return m.group(1).strip()
     return re.split(r"<scores>", text, flags=re.IGNORECASE)[0].strip()
+
+
+@functools.lru_cache(maxsize=4)
+def _grm_value_tokens(tokenizer):
+    """Token ids that can start a score value: {id: kind} with kind "+" (a bare space before the
+    digit), "-" (a minus sign) or the digit's int value (a digit token, with or without a space)."""
+    kinds = {}
+    for i in range(len(tokenizer)):
+        s = tokenizer.decode([i])
+        if s and s.isspace() and len(s) <= 2:
+            kinds[i] = "+"
+        elif s.strip() == "-" and len(s) <= 2:
+            kinds[i] = "-"
+        elif len(s.strip()) == 1 and s.strip() in "0123456789" and len(s) <= 2:
+            kinds[i] = int(s.strip())
+    return kinds
+
+
+@torch.no_grad()
+def grm_expected_scores(model, tokenizer, prompt_ids, reply_ids):
+    """Probability-weighted GRM scores of a reply the GRM already wrote (the G-Eval idea): each
+    dimension's value is the expectation of the score under the GRM's own next-token distribution
+    at the place it wrote that score, instead of the sampled digit. Ties between two answers that
+    both got "Personalization: 1" are then broken by how sure the GRM was. One teacher-forced
+    forward of prompt + reply. The sign branch the reply did not take counts at its value nearest
+    to zero (0 or -1), the one it took at its expected digit. None when the reply has no parseable
+    <scores> block (a parse failure, as in parse_grm_scores)."""
+    text = tokenizer.decode(reply_ids)
+    blocks = list(re.finditer(r"<scores>", text, re.IGNORECASE))
+    if not blocks or parse_grm_scores(text) is None:
+        return None
+    kinds = _grm_value_tokens(tokenizer)
+    digit_ids = [i for i, k in kinds.items() if not isinstance(k, str)]
+    digit_vals = torch.tensor([min(kinds[i], 5) for i in digit_ids], dtype=torch.float32)
+    ends = [len(tokenizer.decode(reply_ids[:i])) for i in range(len(reply_ids) + 1)]  # char end of token i-1
+    device = unwrap(model).output_weight().device
+    ids = torch.tensor([list(prompt_ids) + list(reply_ids)], device=device)
+    probs = torch.softmax(model(ids)[0, len(prompt_ids) - 1:].float(), -1).cpu()  # row j predicts reply[j]
+    parsed = parse_grm_scores(text)
+    out = {}
+    for name in GRM_WEIGHTS:
+        m = re.search(name + r"\**\s*[:：=]", text[blocks[-1].end():], re.IGNORECASE)
+        j = None if m is None else next((i for i in range(len(reply_ids)) if ends[i] >= blocks[-1].end() + m.end()
+                                         and reply_ids[i] in kinds), None)
+        if j is None:  # no score token to weigh: keep the parsed value
+            out[name] = float(parsed[name])
+            continue
+        p = probs[j]
+        p_space = sum(float(p[i]) for i, k in kinds.items() if k == "+")
+        p_minus = sum(float(p[i]) for i, k in kinds.items() if k == "-")
+        p_digit = p[digit_ids]
+        taken = kinds[reply_ids[j]]
+        if isinstance(taken, str) and j + 1 < len(reply_ids):  # sign or space first, digit next
+            nxt = probs[j + 1][digit_ids]
+            e_taken = float((nxt * digit_vals).sum() / nxt.sum().clamp_min(1e-12))
+        else:
+            e_taken = None
+        e_plus = e_taken if taken == "+" and e_taken is not None else 0.0
+        e_minus = -e_taken if taken == "-" and e_taken is not None else -1.0
+        mass = p_space + p_minus + float(p_digit.sum())
+        value = (p_space * e_plus + p_minus * e_minus + float((p_digit * digit_vals).sum())) / max(mass, 1e-12)
+        out[name] = max(-5.0, min(5.0, value))
+    return out
 
 
 def grm_reward(scores):

@@ -90,6 +90,9 @@ def parse_args(argv=None):
                        help="grm judge / policy generation: prompts generated together")
         s.add_argument("--grm-max-new-tokens", type=int, default=512,
                        help="grm judge: max tokens of critique + scores (greedy)")
+        s.add_argument("--grm-score", choices=["expected", "parsed"], default="expected",
+                       help="grm judge: probability-weighted scores at the written score tokens "
+                            "(breaks the many ties of a small GRM), or the integers parsed from the text")
         s.add_argument("--base-url", default="http://localhost:8000/v1",
                        help="endpoint judge: OpenAI-compatible base URL (…/v1)")
         s.add_argument("--endpoint-model", default="default",
@@ -549,9 +552,10 @@ class EndpointPairJudge:
 class GRMScorer:
     """A generative reward model (SPEC 1.1): greedy critique + scores, weighted into one reward."""
 
-    def __init__(self, model, tokenizer, batch_size=8, max_new_tokens=512):
+    def __init__(self, model, tokenizer, batch_size=8, max_new_tokens=512, score="expected"):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.score = score  # "expected": probability-weighted scores (common.grm_expected_scores); "parsed"
         self.n_failed = 0
 
     def __call__(self, items, desc="grm"):
@@ -567,6 +571,8 @@ class GRMScorer:
                 text = self.tokenizer.decode(gen.tokens[j], skip_special_tokens=True)
                 scores = common.parse_grm_scores(text)
                 self.n_failed += scores is None
+                if self.score == "expected" and scores is not None:
+                    scores = common.grm_expected_scores(self.model, self.tokenizer, prompts[i], gen.tokens[j])
                 out[i] = {"score": common.grm_reward(scores), "scores": scores, "grm_output": text}
         return out
 
@@ -630,7 +636,8 @@ def build_judge(args, task):
         judge = ModelPairJudge(model, tokenizer, args.token_budget, task, share_prefix=not args.no_share_prefix)
         return "pair", judge, tokenizer
     if args.judge == "grm":
-        return "point", GRMScorer(model, tokenizer, args.batch_size, args.grm_max_new_tokens), tokenizer
+        scorer = GRMScorer(model, tokenizer, args.batch_size, args.grm_max_new_tokens, args.grm_score)
+        return "point", scorer, tokenizer
     return "point", RMScorer(model, tokenizer, args.token_budget), tokenizer
 
 

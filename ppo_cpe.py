@@ -84,6 +84,10 @@ def get_args(argv=None):
                    "at http://host:8000/v1); overrides --grm")
     p.add_argument("--grm-model", default="grm", help="model name to request from --grm-url")
     p.add_argument("--grm-max-new-tokens", type=int, default=192, help="token budget of one GRM reply")
+    p.add_argument("--grm-score", default="expected", choices=["expected", "parsed"],
+                   help="local GRM: reward from the probability-weighted scores at the score tokens the "
+                        "GRM wrote (dense: a small GRM writes the same integers for most answers), or "
+                        "from the integers parsed from its text (the paper's reward; always so for --grm-url)")
     p.add_argument("--grm-batch-size", type=int, default=16, help="local GRM: replies generated together")
     p.add_argument("--grm-workers", type=int, default=16, help="remote GRM: concurrent requests")
     p.add_argument("--critique-temperature", type=float, default=0.9, help="sampled critique call (SPEC 1.2)")
@@ -363,14 +367,15 @@ def judge(args, rm, cases, sampled, seed, counts):
         texts = common.map_concurrent(call, cases, max_workers=args.grm_workers)
     else:  # local GRM checkpoint through our engine
         model, tok = rm
-        texts = []
+        texts, replies = [], []
         for i in range(0, len(cases), args.grm_batch_size):
             prompts = [chat_prompt_ids(tok, grm_messages(*c)) for c in cases[i:i + args.grm_batch_size]]
             gen = generate(model, prompts, args.grm_max_new_tokens, temperature=temperature,
                            stop_ids=stop_token_ids(tok), seed=seed + i)
             texts += [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]
+            replies += list(zip(prompts, gen.tokens))
     out = []
-    for text in texts:
+    for k, text in enumerate(texts):
         if text is None:
             counts["endpoint_fail"] += 1
             out.append((0.0, None, ""))
@@ -378,6 +383,9 @@ def judge(args, rm, cases, sampled, seed, counts):
         scores = parse_grm_scores(text) if not sampled else None
         if not sampled and scores is None:
             counts["parse_fail"] += 1
+        elif not sampled and args.grm_score == "expected" and not args.grm_url:
+            # probability-weighted scores at the written score tokens (common.grm_expected_scores)
+            scores = common.grm_expected_scores(rm[0], rm[1], *replies[k])
         out.append((grm_reward(scores), scores, parse_grm_critique(text)))
     return out
 

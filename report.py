@@ -4,8 +4,9 @@
 
 For each policy evaluated by `eval_persona.py winrate` into out/eval/<policy>/: LC and raw win
 rate against the persona world's reference answers, mean answer length, and the ground-truth
-rubric scores per dimension (the rubric re-judges the saved answers); for the reward models
-evaluated by `eval_persona.py accuracy` into out/eval/acc_<name>/: held-out pair accuracy; for each
+rubric scores per dimension (the rubric re-judges the saved answers); for the reward models: the
+held-out pair accuracy train_grm.py wrote (out/grm, out/bt) and any `eval_persona.py accuracy` run
+in out/eval/acc_<name>/; for each
 PPO run: reward and length over steps, as a table and (when matplotlib is installed) a PNG.
 """
 import argparse
@@ -51,6 +52,14 @@ for name in args.policies.split(","):
                  + f" | {weighted:+.2f} |")
 
 lines += ["", "| reward model | held-out pairs | accuracy % |", "|---|---:|---:|"]
+for name in ("grm", "bt"):  # scored by train_grm.py at the end of training, on its held-out split
+    metrics_file = root / name / "heldout_metrics.json"
+    if metrics_file.exists():
+        m = json.loads(metrics_file.read_text())
+        extra = (f" (integer scores parsed from the text: {100 * m['pairwise_acc_parsed']:.1f})"
+                 if "pairwise_acc_parsed" in m else "")
+        lines.append(f"| {name} (train_grm.py held-out split) | {m['eval_pairs']} | "
+                     f"{100 * m['pairwise_acc']:.1f}{extra} |")
 for folder in sorted((root / "eval").glob("acc_*")):
     summary = folder / "accuracy_summary.json"
     if summary.exists():

@@ -53,9 +53,13 @@ for pair in base:smollm2-135m-instruct sft:out/sft ppo_cpe:out/ppo_cpe/actor ppo
   name=${pair%%:*}; policy=${pair#*:}
   python3 eval_persona.py winrate --policy "$policy" --judge rubric --max-new-tokens 160 ${EVAL_ARGS:-} --out "out/eval/$name"
 done
-python3 eval_persona.py accuracy --data data/persona_world/pairs.jsonl --judge grm --model out/grm \
-  --grm-max-new-tokens 160 --out out/eval/acc_grm
-python3 eval_persona.py accuracy --data data/persona_world/pairs.jsonl --judge rm --model out/bt --out out/eval/acc_bt
+# GRM and BT accuracy on the held-out pairs: train_grm.py scored them at the end of training
+# (out/grm/heldout_metrics.json, out/bt/heldout_metrics.json). On a GPU also score all 286 pairs:
+if [ "${PROFILE:-cpu}" = gpu ]; then
+  python3 eval_persona.py accuracy --data data/persona_world/pairs.jsonl --judge grm --model out/grm \
+    --grm-max-new-tokens 160 --out out/eval/acc_grm
+  python3 eval_persona.py accuracy --data data/persona_world/pairs.jsonl --judge rm --model out/bt --out out/eval/acc_bt
+fi
 
 step "5/5 report"
 python3 report.py --out out

@@ -54,7 +54,7 @@ from common import (
     is_distributed,
     DEFAULT_MODEL, DataError, MetricsLogger, all_reduce_sum, append_jsonl, chat_completion,
     chat_prompt_ids, conversation_ids_and_mask, cosine_lr, dist_cleanup, dist_init, format_grm_output,
-    generate, grm_messages, grm_reward, is_rank0, latest_checkpoint, load_model, load_training_state,
+    generate, grm_expected_scores, grm_messages, grm_reward, is_rank0, latest_checkpoint, load_model, load_training_state,
     map_concurrent, pack_sequences, parse_grm_critique, parse_grm_scores, persona_messages, print0,
     read_jsonl_checked, require_field, save_model, save_training_state, sft_train, stop_token_ids,
     unsharded, unwrap, wrap_model, write_jsonl,
@@ -347,7 +347,9 @@ def pairwise_accuracy(chosen_scores, reject_scores) -> float:
 
 
 def grm_pairwise_eval(model, tokenizer, pairs, env, max_new_tokens, batch_size):
-    """Greedy GRM replies for chosen and reject of each pair; the higher weighted score wins.
+    """Greedy GRM replies for chosen and reject of each pair; the higher weighted score wins. The
+    score is the probability-weighted one (grm_expected_scores; pairwise_acc) and, for comparison,
+    the one parsed from the text (pairwise_acc_parsed), where many pairs tie.
 
     Pairs are split over ranks. Returns (metrics, per-pair rows of all ranks)."""
     mine = pairs[env.rank::env.world_size]
@@ -362,15 +364,24 @@ def grm_pairwise_eval(model, tokenizer, pairs, env, max_new_tokens, batch_size):
             gen = generate(unwrap(model), prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
                            stop_ids=stops)
             texts += [tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
+    # probability-weighted scores of the same replies (common.grm_expected_scores): one forward each
+    expected = []
+    with torch.no_grad(), unsharded(model):
+        for (pr, side), prompt, text in zip(items, prompts, texts):
+            expected.append(grm_reward(grm_expected_scores(unwrap(model), tokenizer, prompt,
+                                                           tokenizer(text)["input_ids"])))
     rows = []
     for j, pr in enumerate(mine):
         tc, tr = texts[2 * j], texts[2 * j + 1]
         pc, pr_ = parse_grm_scores(tc), parse_grm_scores(tr)
-        rows.append({"pair_id": pr["pair_id"], "tier": pr.get("tier"), "chosen_score": grm_reward(pc),
-                     "reject_score": grm_reward(pr_), "parse_failures": (pc is None) + (pr_ is None),
-                     "chosen_reply": tc, "reject_reply": tr})
+        rows.append({"pair_id": pr["pair_id"], "tier": pr.get("tier"),
+                     "chosen_score": expected[2 * j], "reject_score": expected[2 * j + 1],
+                     "chosen_parsed": grm_reward(pc), "reject_parsed": grm_reward(pr_),
+                     "parse_failures": (pc is None) + (pr_ is None), "chosen_reply": tc, "reject_reply": tr})
     rows = gather_rows(rows, env)
-    metrics = accuracy_report(rows)
+    metrics = accuracy_report(rows)  # on the expected scores
+    metrics["pairwise_acc_parsed"] = pairwise_accuracy([r["chosen_parsed"] for r in rows],
+                                                       [r["reject_parsed"] for r in rows])
     metrics["parse_fail_rate"] = sum(r["parse_failures"] for r in rows) / max(2 * len(rows), 1)
     return metrics, rows
 

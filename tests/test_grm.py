@@ -378,3 +378,61 @@ def test_tiny_bt_training_lowers_loss_loads_and_resumes(tmp_path, tiny_model_dir
     assert metrics["eval_pairs"] == 2 and metrics["pairwise_acc"] == 1.0
     model, tok = common.load_model(str(out), value_head=True)
     assert model.value_head is not None and model.value_head.weight.abs().sum() > 0
+
+
+def _expected_scores_reference(model, tok, prompt, reply):
+    """Slow and obvious: for each dimension, find the score's first token by re-decoding prefixes,
+    run the model on the prefix alone for the sign/space distribution and on prefix + the written
+    sign for the digit distribution, then apply grm_expected_scores' rule by hand."""
+    kinds = {}
+    for i in range(len(tok)):
+        s = tok.decode([i])
+        if s and s.isspace() and len(s) <= 2:
+            kinds[i] = "+"
+        elif s.strip() == "-" and len(s) <= 2:
+            kinds[i] = "-"
+        elif len(s.strip()) == 1 and s.strip() in "0123456789" and len(s) <= 2:
+            kinds[i] = int(s.strip())
+
+    def next_probs(ids):
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+
+    text = tok.decode(reply)
+    block = text.rindex("<scores>") + len("<scores>")
+    out = {}
+    for name in GRM_WEIGHTS:
+        colon = text.index(name + ":", block) + len(name + ":")
+        j = next(i for i in range(len(reply)) if len(tok.decode(reply[:i])) >= colon and reply[i] in kinds)
+        p = next_probs(prompt + reply[:j])
+        mass = {"+": 0.0, "-": 0.0}
+        direct = 0.0
+        for i, k in kinds.items():
+            if isinstance(k, str):
+                mass[k] += float(p[i])
+            else:
+                direct += float(p[i]) * min(k, 5)
+        total = mass["+"] + mass["-"] + sum(float(p[i]) for i, k in kinds.items() if not isinstance(k, str))
+        q = next_probs(prompt + reply[:j + 1])
+        digit_mass = sum(float(q[i]) for i, k in kinds.items() if not isinstance(k, str))
+        e_digit = sum(float(q[i]) * min(k, 5) for i, k in kinds.items() if not isinstance(k, str)) / digit_mass
+        taken = kinds[reply[j]]
+        e_plus = e_digit if taken == "+" else 0.0
+        e_minus = -e_digit if taken == "-" else -1.0
+        out[name] = (mass["+"] * e_plus + mass["-"] * e_minus + direct) / total
+    return out
+
+
+def test_expected_scores_match_a_slow_reference(smollm2):
+    model, tok = smollm2
+    prompt = common.chat_prompt_ids(tok, common.grm_messages({"Name": "Ana"}, "What should I cook?",
+                                                             "Pasta with tomatoes."))
+    for scores in ({"Helpfulness": 2, "Personalization": -1, "Natural": 3},
+                   {"Helpfulness": -4, "Personalization": 0, "Natural": 1}):
+        reply = tok(format_grm_output("It answers the question in part.", scores))["input_ids"]
+        got = common.grm_expected_scores(model, tok, prompt, reply)
+        ref = _expected_scores_reference(model, tok, prompt, reply)
+        for name in GRM_WEIGHTS:
+            assert abs(got[name] - ref[name]) < 1e-4, (name, got, ref)
+            assert -5 <= got[name] <= 5
+    assert common.grm_expected_scores(model, tok, prompt, tok("no scores here")["input_ids"]) is None
