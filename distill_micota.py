@@ -105,8 +105,10 @@ def parse_args(argv=None):
     p.add_argument("--api-model", default=None, help="model name the endpoint serves")
     p.add_argument("--workers", type=int, default=16, help="concurrent endpoint requests")
     # generation
-    p.add_argument("--chat", action="store_true", help="generate: apply the chat template "
-                   "(off: the raw SPEC 2.1 prompt; the TA in `all` and eval always use the template)")
+    p.add_argument("--chat", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="generate (teacher): chat template on or off (off: the raw SPEC 2.1 prompt, for "
+                   "reasoning teachers); auto = on for the embedded default (an instruct model that "
+                   "rambles on the raw prompt), off otherwise. The TA in `all` and eval always use it")
     p.add_argument("--max-new-tokens", type=int, default=256, help="new-token cap of generate (teacher)")
     p.add_argument("--mid-max-new-tokens", type=int, default=192, help="all: new-token cap of the merged TA")
     p.add_argument("--eval-max-new-tokens", type=int, default=256, help="new-token cap of eval")
@@ -666,6 +668,8 @@ def main(argv=None):
     log = MetricsLogger(out / "metrics.jsonl")
     o = args.output
     s = args.step
+    teacher = args.model if s == "generate" else args.teacher
+    args.chat = args.chat == "on" or (args.chat == "auto" and str(teacher) == DEFAULT_MODEL and not args.url)
     if s == "synth":
         run_step(s, args, env, log, output=o or SYNTH_DIR)
     elif s == "generate":

@@ -4,7 +4,7 @@
 #
 #   bash run.sh              # everything, CPU-sized defaults
 #   SKIP_INSTALL=1 bash run.sh
-#   PPO_STEPS=8 bash run.sh  # longer PPO runs
+#   PPO_STEPS=8 PPO_ARGS= bash run.sh  # longer PPO runs, default batch
 #   PROFILE=gpu SKIP_INSTALL=1 bash run.sh   # one CUDA GPU: all GRM data, full fine-tunes, bigger PPO
 #   GRM_ARGS=... BT_ARGS=... PPO_ARGS=... EVAL_ARGS=... SFT_ARGS=...   # extra flags per stage
 #
@@ -21,13 +21,17 @@ cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1
 if [ "${PROFILE:-cpu}" = gpu ]; then  # sizes for one GPU (minutes on an H100), not for 2 CPU cores
   PPO_STEPS=${PPO_STEPS:-12}
-  : "${SFT_ARGS:=--epochs 3}"
-  : "${GRM_ARGS:=--max-train 0 --freeze-layers 0 --epochs 3 --lr 1e-4 --eval-pairs 0}"
-  : "${BT_ARGS:=--max-train 0 --freeze-layers 0 --epochs 2 --eval-pairs 0}"
-  : "${PPO_ARGS:=--prompts-per-step 16 --samples 2 --max-new-tokens 160}"
-  : "${EVAL_ARGS:=--limit 0}"
+  : "${SFT_ARGS=--epochs 3}"
+  : "${GRM_ARGS=--max-train 0 --freeze-layers 0 --epochs 3 --lr 1e-4 --eval-pairs 0}"
+  : "${BT_ARGS=--max-train 0 --freeze-layers 0 --epochs 2 --eval-pairs 0}"
+  : "${PPO_ARGS=--prompts-per-step 16 --samples 2 --max-new-tokens 160}"
+  : "${EVAL_ARGS=--limit 0}"
 fi
-PPO_STEPS=${PPO_STEPS:-4}
+# 2 CPU cores: sized so that the whole run takes about 30 minutes (stage times in the README)
+PPO_STEPS=${PPO_STEPS:-2}
+: "${GRM_ARGS=--eval-pairs 16}"
+: "${PPO_ARGS=--prompts-per-step 3}"
+: "${EVAL_ARGS=--limit 16}"
 
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q torch==2.13.0          # the CPU build; on a GPU machine install yours first
