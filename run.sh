@@ -29,7 +29,8 @@ if [ "${PROFILE:-cpu}" = gpu ]; then  # sizes for one GPU (minutes on an H100), 
 fi
 # 2 CPU cores: sized so that the whole run takes about 30 minutes (stage times in the README)
 PPO_STEPS=${PPO_STEPS:-2}
-: "${GRM_ARGS=--eval-pairs 16}"
+: "${GRM_ARGS=--eval-pairs 12}"
+: "${BT_ARGS=--max-train 96}"
 : "${PPO_ARGS=--prompts-per-step 3}"
 : "${EVAL_ARGS=--limit 16}"
 
