@@ -792,7 +792,8 @@ def grm_expected_scores(model, tokenizer, prompt_ids, reply_ids):
     <scores> block (a parse failure, as in parse_grm_scores)."""
     text = tokenizer.decode(reply_ids)
     blocks = list(re.finditer(r"<scores>", text, re.IGNORECASE))
-    if not blocks or parse_grm_scores(text) is None:
+    parsed = parse_grm_scores(text)
+    if not blocks or parsed is None:
         return None
     kinds = _grm_value_tokens(tokenizer)
     digit_ids = [i for i, k in kinds.items() if not isinstance(k, str)]
@@ -801,12 +802,12 @@ def grm_expected_scores(model, tokenizer, prompt_ids, reply_ids):
     device = unwrap(model).output_weight().device
     ids = torch.tensor([list(prompt_ids) + list(reply_ids)], device=device)
     probs = torch.softmax(model(ids)[0, len(prompt_ids) - 1:].float(), -1).cpu()  # row j predicts reply[j]
-    parsed = parse_grm_scores(text)
     out = {}
     for name in GRM_WEIGHTS:
         m = re.search(name + r"\**\s*[:：=]", text[blocks[-1].end():], re.IGNORECASE)
-        j = None if m is None else next((i for i in range(len(reply_ids)) if ends[i] >= blocks[-1].end() + m.end()
-                                         and reply_ids[i] in kinds), None)
+        value_start = None if m is None else blocks[-1].end() + m.end()  # char offset after "Name:"
+        j = None if m is None else next((i for i in range(len(reply_ids))
+                                         if ends[i] >= value_start and reply_ids[i] in kinds), None)
         if j is None:  # no score token to weigh: keep the parsed value
             out[name] = float(parsed[name])
             continue

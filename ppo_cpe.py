@@ -386,7 +386,7 @@ def judge(args, rm, cases, sampled, seed, counts):
             counts["parse_fail"] += 1
         elif not sampled and args.grm_score == "expected" and not args.grm_url:
             # probability-weighted scores at the written score tokens (common.grm_expected_scores)
-            scores = common.grm_expected_scores(rm[0], rm[1], *replies[k])
+            scores = common.grm_expected_scores(model, tok, *replies[k])
         out.append((grm_reward(scores), scores, parse_grm_critique(text)))
     return out
 

@@ -357,19 +357,19 @@ def grm_pairwise_eval(model, tokenizer, pairs, env, max_new_tokens, batch_size):
     prompts = [chat_prompt_ids(tokenizer, grm_messages(pr["persona"], pr["question"], pr[side]))
                for pr, side in items]
     stops = stop_token_ids(tokenizer)
-    texts = []
+    texts, reply_ids = [], []
     model.eval()
     with torch.no_grad(), unsharded(model):
         for i in tqdm(range(0, len(prompts), batch_size), desc="grm eval", disable=not is_rank0()):
             gen = generate(unwrap(model), prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
                            stop_ids=stops)
             texts += [tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
+            reply_ids += gen.tokens
     # probability-weighted scores of the same replies (common.grm_expected_scores): one forward each
     expected = []
     with torch.no_grad(), unsharded(model):
-        for (pr, side), prompt, text in zip(items, prompts, texts):
-            expected.append(grm_reward(grm_expected_scores(unwrap(model), tokenizer, prompt,
-                                                           tokenizer(text)["input_ids"])))
+        for prompt, reply in zip(prompts, reply_ids):  # the tokens the GRM generated, as in ppo_cpe
+            expected.append(grm_reward(grm_expected_scores(unwrap(model), tokenizer, prompt, reply)))
     rows = []
     for j, pr in enumerate(mine):
         tc, tr = texts[2 * j], texts[2 * j + 1]

@@ -384,15 +384,7 @@ def _expected_scores_reference(model, tok, prompt, reply):
     """Slow and obvious: for each dimension, find the score's first token by re-decoding prefixes,
     run the model on the prefix alone for the sign/space distribution and on prefix + the written
     sign for the digit distribution, then apply grm_expected_scores' rule by hand."""
-    kinds = {}
-    for i in range(len(tok)):
-        s = tok.decode([i])
-        if s and s.isspace() and len(s) <= 2:
-            kinds[i] = "+"
-        elif s.strip() == "-" and len(s) <= 2:
-            kinds[i] = "-"
-        elif len(s.strip()) == 1 and s.strip() in "0123456789" and len(s) <= 2:
-            kinds[i] = int(s.strip())
+    kinds = common._grm_value_tokens(tok)  # which tokens are signs or digits: a definition, not the math under test
 
     def next_probs(ids):
         with torch.no_grad():
