@@ -104,8 +104,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalise in fp32 like the reference implementation, scale in the input dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # (F.rms_norm is the same x * rsqrt(mean(x^2) + eps), as one fused op)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
 
 
@@ -482,6 +482,7 @@ class KVCache:
         self.rows = torch.arange(batch, device=device)
         self.prefill_index = None  # (row, position) of every packed prompt token
         self.max_length = 0  # host copy of lengths.max(): no device sync inside the layers
+        self._decode_plan = None  # (write slots, attention mask) of the current decode step
 
     def start_prefill(self, prompt_lengths):
         lens = torch.as_tensor(prompt_lengths, device=self.lengths.device)
@@ -491,29 +492,40 @@ class KVCache:
         self.prefill_index = (rows, pos)
         self.lengths = lens.to(torch.int32)
         self.max_length = max(int(n) for n in prompt_lengths)
+        self._decode_plan = None
 
     def advance(self):  # every row's length grows by one after a decode step
         self.lengths += 1
         self.max_length += 1
+        self._decode_plan = None
 
     def write_prefill(self, layer, k, v):  # k, v [total_tokens, KV, D]
         self.k[layer][self.prefill_index] = k
         self.v[layer][self.prefill_index] = v
+
+    def decode_plan(self, dtype):
+        """Where each row's new token goes in a flat [B * max_len] view of a layer's cache, and the
+        additive attention mask over the filled prefix: computed once per step, shared by all layers."""
+        if self._decode_plan is None:
+            lengths = self.lengths.long()
+            slots = self.rows * self.k.shape[2] + lengths
+            visible = torch.arange(self.max_length + 1, device=lengths.device)[None, :] <= lengths[:, None]
+            mask = torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill_(~visible, float("-inf"))
+            self._decode_plan = (slots, mask[:, None, None, :])
+        return self._decode_plan
 
     def decode_attention(self, layer, q, k, v):
         """q [B, 1, H, D]; k/v [B, 1, KV, D] are the new token's, written at each row's length."""
         if use_flash(q):
             return flash_attn_with_kvcache(q, self.k[layer], self.v[layer], k, v,
                                            cache_seqlens=self.lengths, causal=True)
-        slots = self.rows * self.k.shape[2] + self.lengths.long()  # (row, length) in a flat [B * max_len] view
+        slots, mask = self.decode_plan(q.dtype)
         self.k[layer].view(-1, *k.shape[2:]).index_copy_(0, slots, k[:, 0])
         self.v[layer].view(-1, *v.shape[2:]).index_copy_(0, slots, v[:, 0])
-        span = self.max_length + 1  # attend only over the filled prefix of the cache
+        span = mask.shape[-1]  # attend only over the filled prefix of the cache
         keys = self.k[layer][:, :span].transpose(1, 2)
         vals = self.v[layer][:, :span].transpose(1, 2)
-        mask = torch.arange(span, device=q.device)[None, :] <= self.lengths[:, None].long()
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None, None, :],
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2)
 
 
@@ -528,13 +540,19 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
     logits = logits / temperature
     V = logits.shape[-1]
-    if top_p < 1.0 and (not top_k or top_k >= V) and V > 256:
-        # The nucleus almost always lies within the top 256 tokens: sample among those (no pass over
-        # the whole vocabulary besides one topk and one logsumexp). Exact: when the top 256 hold
-        # less than top_p of the mass in some row, the full-vocabulary path below runs instead.
-        top, order = torch.topk(logits, 256, dim=-1)
-        probs = torch.exp(top - torch.logsumexp(logits, -1, keepdim=True))
-        if not bool((probs.sum(-1) < top_p).any()):
+    if top_p < 1.0 and (not top_k or top_k >= V):
+        # The nucleus almost always lies within the top few hundred tokens: sample among the top k
+        # (one topk over the vocabulary, no sort of it). Exact as soon as the top k hold at least
+        # top_p of every row's mass; otherwise try a larger k, and the full sort below is the last
+        # resort (flat distributions: it costs ~20x the top-256 path for 16 rows of 49k tokens).
+        log_norm = torch.logsumexp(logits, -1, keepdim=True)
+        for k in (256, 4096):
+            if k >= V:
+                break
+            top, order = torch.topk(logits, k, dim=-1)
+            probs = torch.exp(top - log_norm)
+            if bool((probs.sum(-1) < top_p).any()):
+                continue
             keep = (torch.cumsum(probs, -1) - probs) < top_p  # the mass before a token is below top_p
             kept = probs * keep
             pick = torch.multinomial(kept, 1, generator=generator)

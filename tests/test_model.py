@@ -178,9 +178,11 @@ def test_flash_or_sdpa_flash_matches_math_path():
 
 
 def test_top_p_fast_path_equals_full_sort():
-    """The top-256 shortcut of sample_next keeps exactly the nucleus a full sort keeps."""
+    """The top-k shortcuts of sample_next (k = 256, then 4096) keep exactly the nucleus a full sort keeps."""
     torch.manual_seed(0)
-    for temp_scale in (0.3, 1.0, 8.0):  # peaked to nearly flat: the flat one takes the fallback
+    # seed 0: scale 8 takes the top-256 path for every top_p, scale 1 the top-4096 path for 0.5 and
+    # 0.9, and the flat ones (scale 0.3, or top_p 0.99 at scale 1) the full-sort fallback
+    for temp_scale in (0.3, 1.0, 8.0):
         logits = torch.randn(4, 5000) * temp_scale
         for top_p in (0.5, 0.9, 0.99):
             sorted_p, order = torch.sort(torch.softmax(logits, -1), descending=True)
