@@ -23,6 +23,7 @@ Run (CPU, ~5-10 minutes on 2 cores; also runs on one CUDA GPU, where both sides 
 """
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,8 @@ FALLBACK_PROMPTS = [  # used only when data/persona_world/prompts.jsonl is missi
 def get_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
-    p.add_argument("--samples", type=int, default=2, help="rollouts per prompt (TRL: prompts repeated)")
+    p.add_argument("--samples", type=int, default=1, help="rollouts per prompt (TRL: prompts repeated; at 2, "
+                   "TRL's iteration outgrew 24 GiB of RAM on the 2-core machine and was OOM-killed)")
     p.add_argument("--response-length", type=int, default=64, help="response cap (tokens)")
     p.add_argument("--micro-batch", type=int, default=2, help="our sequences per forward/backward (memory; "
                    "the optimizer step still covers the whole batch, like TRL's single minibatch)")
@@ -232,10 +234,12 @@ def bench_trl(a, rows, python):
         Path(f"{tmp}/job.json").write_text(json.dumps(job))
         Path(f"{tmp}/worker.py").write_text(TRL_WORKER)
         proc = subprocess.run([python, f"{tmp}/worker.py", f"{tmp}/job.json"], capture_output=True, text=True)
-        if proc.returncode != 0:
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+        if proc.returncode != 0:  # e.g. -9: killed by the kernel's OOM killer
             print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            raise SystemExit(f"TRL run failed (exit {proc.returncode})")
-        return json.loads(Path(job["result"]).read_text())
+            print(f"  TRL run failed (exit {proc.returncode}; peak RSS {peak_gb:.1f} GiB)")
+            return None
+        return {**json.loads(Path(job["result"]).read_text()), "peak_rss_gb": peak_gb}
 
 
 def main():
@@ -255,11 +259,15 @@ def main():
               + f"; mean response {lengths[i]:.0f} tokens; CPU time {cpu[i]:.1f} s)"
               + ("  [warm-up]" if i == 0 and len(times) > 1 else ""))
     results["ours_iteration_s"], results["ours_iteration_cpu_s"] = ours, ours_cpu
+    results["ours_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"  ours  peak RSS {results['ours_peak_rss_gb']:.1f} GiB (this process, part 1 included)")
     python = None if a.skip_trl else find_trl_python(a)
+    trl = None if python is None else bench_trl(a, rows, python)
     if python is None:
         print("  TRL: skipped (no interpreter with trl==1.12.0: see the install lines in this file's docstring)")
-    else:
-        trl = bench_trl(a, rows, python)
+    elif trl is not None:
+        print(f"  TRL peak RSS {trl['peak_rss_gb']:.1f} GiB")
+        results["trl_peak_rss_gb"] = trl["peak_rss_gb"]
         for i, t in enumerate(trl["iter_s"]):
             g = trl["gen_s"][i] if i < len(trl["gen_s"]) else float("nan")
             ln = trl["mean_response_tokens"][i] if i < len(trl["mean_response_tokens"]) else float("nan")
