@@ -1697,8 +1697,8 @@ def sft_train(model, tokenizer, train_docs, eval_docs, args, out_dir, env):
     lengths = [len(d[0]) for d in train_docs]
     epoch_order = {}
     last_loss, eval_loss = float("nan"), float("nan")
-    bar = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not is_rank0(),
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train {Path(out_dir).name}",
+               disable=not is_rank0(), dynamic_ncols=True)
     t_last = time.time()
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, steps_per_epoch)
