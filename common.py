@@ -823,9 +823,10 @@ def grm_expected_scores(model, tokenizer, prompt_ids, reply_ids):
     out = {}
     for name in GRM_WEIGHTS:
         m = re.search(name + r"\**\s*[:：=]", text[blocks[-1].end():], re.IGNORECASE)
-        value_start = None if m is None else blocks[-1].end() + m.end()  # char offset after "Name:"
-        j = None if m is None else next((i for i in range(len(reply_ids))
-                                         if ends[i] >= value_start and reply_ids[i] in kinds), None)
+        j = None  # the reply token holding the value: the first sign/digit token after "Name:"
+        if m is not None:
+            value_start = blocks[-1].end() + m.end()  # char offset after "Name:"
+            j = next((i for i in range(len(reply_ids)) if ends[i] >= value_start and reply_ids[i] in kinds), None)
         if j is None:  # no score token to weigh: keep the parsed value
             out[name] = float(parsed[name])
             continue

@@ -365,11 +365,10 @@ def grm_pairwise_eval(model, tokenizer, pairs, env, max_new_tokens, batch_size):
                            stop_ids=stops)
             texts += [tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
             reply_ids += gen.tokens
-    # probability-weighted scores of the same replies (common.grm_expected_scores): one forward each
-    expected = []
-    with torch.no_grad(), unsharded(model):
-        for prompt, reply in zip(prompts, reply_ids):  # the tokens the GRM generated, as in ppo_cpe
-            expected.append(grm_reward(grm_expected_scores(unwrap(model), tokenizer, prompt, reply)))
+        # probability-weighted scores of the same replies (common.grm_expected_scores): one forward
+        # each, over the tokens the GRM generated (as in ppo_cpe), under the same gathered weights
+        expected = [grm_reward(grm_expected_scores(unwrap(model), tokenizer, prompt, reply))
+                    for prompt, reply in zip(prompts, reply_ids)]
     rows = []
     for j, pr in enumerate(mine):
         tc, tr = texts[2 * j], texts[2 * j + 1]
