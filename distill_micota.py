@@ -8,8 +8,9 @@ student is distilled from that "mid" CoT instead. Steps (each runnable alone, `a
   synth     write the offline problem set data/gsm_synth/{train,test}.jsonl (seeded word problems)
   generate  CoT for a problem file from a teacher: a local checkpoint through common.generate, or
             an OpenAI-compatible endpoint (--url, e.g. vLLM serving a 32B reasoning model).
-            SPEC 2.1 prompt (problem + "step by step, answer in \\boxed{}"), no chat template
-            unless --chat, greedy, --max-new-tokens cap. Resumable (appends, skips done ids).
+            SPEC 2.1 prompt (problem + "step by step, answer in \\boxed{}"), chat template per
+            --chat (auto: on for the embedded default, off for other teachers), greedy,
+            --max-new-tokens cap. Resumable (appends, skips done ids).
   filter    keep samples whose last \\boxed{} (or GSM8K "#### N") answer equals the reference after
             MATH-style normalisation and that finished within the length cap (SPEC 2.1 / 2.4)
   sft       fine-tune on CoT with loss on the response only (SPEC 2.2 TA, SPEC 2.5 student)
@@ -668,7 +669,7 @@ def main(argv=None):
     log = MetricsLogger(out / "metrics.jsonl")
     o = args.output
     s = args.step
-    teacher = args.model if s == "generate" else args.teacher
+    teacher = args.model if s == "generate" else args.teacher  # --chat auto|on|off -> bool
     args.chat = args.chat == "on" or (args.chat == "auto" and str(teacher) == DEFAULT_MODEL and not args.url)
     if s == "synth":
         run_step(s, args, env, log, output=o or SYNTH_DIR)

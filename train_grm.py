@@ -13,7 +13,9 @@ in [-5, 5]); the PPO reward is 0.35*H + 0.40*P + 0.25*N. Three modes, run in thi
             (response-only loss, through common.sft_train: packing, DDP/FSDP2, resume, atomic
             checkpoints, as in sft.py). If the GRM file is missing it is annotated first. At the
             end: held-out pairwise accuracy (greedy GRM reply for chosen and reject, the higher
-            weighted score wins, ties count 0.5) and the parse-failure rate.
+            weighted score wins, ties count 0.5; scored with the probability-weighted scores of
+            common.grm_expected_scores, and with the parsed integers for comparison) and the
+            parse-failure rate.
   bt        the Bradley-Terry scalar baseline (SPEC 1.1 / 1.4 ablation): a value head on the
             last token of (persona prompt, response), loss -log sigmoid(r_chosen - r_rejected),
             on the same pairs; held-out pairwise accuracy at the end.
@@ -51,10 +53,10 @@ from tqdm import tqdm
 
 import common
 from common import (
-    is_distributed,
     DEFAULT_MODEL, DataError, MetricsLogger, all_reduce_sum, append_jsonl, chat_completion,
     chat_prompt_ids, conversation_ids_and_mask, cosine_lr, dist_cleanup, dist_init, format_grm_output,
-    generate, grm_expected_scores, grm_messages, grm_reward, is_rank0, latest_checkpoint, load_model, load_training_state,
+    generate, grm_expected_scores, grm_messages, grm_reward, is_distributed, is_rank0, latest_checkpoint,
+    load_model, load_training_state,
     map_concurrent, pack_sequences, parse_grm_critique, parse_grm_scores, persona_messages, print0,
     read_jsonl_checked, require_field, save_model, save_training_state, sft_train, stop_token_ids,
     unsharded, unwrap, wrap_model, write_jsonl,
