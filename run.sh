@@ -30,9 +30,9 @@ fi
 # 2 CPU cores: sized to stay under 30 minutes (measured from a fresh clone: about 25; stage times in the README)
 PPO_STEPS=${PPO_STEPS:-2}
 : "${GRM_ARGS=--eval-pairs 12 --eval-batch 24}"  # one generation batch for the 24 held-out replies
-: "${BT_ARGS=--max-train 96}"
+: "${BT_ARGS=--max-train 64}"
 : "${PPO_ARGS=--prompts-per-step 3}"
-: "${EVAL_ARGS=--limit 16}"
+: "${EVAL_ARGS=--limit 12}"
 
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q torch==2.13.0          # the CPU build; on a GPU machine install yours first

@@ -466,3 +466,26 @@ def test_rubric_runs_on_real_personafeedback_cases():
         for side in ("chosen", "reject"):
             _, s = rubric_judge(persona, case_["question"], case_[side])
             assert all(isinstance(v, int) and -5 <= v <= 5 for v in s.values())
+
+
+def test_trim_unfinished_keeps_whole_sentences_and_line_breaks():
+    assert prepare.trim_unfinished("Walk daily. Stretch after the walk and") == "Walk daily."
+    assert prepare.trim_unfinished("1. Rest well.\n2. Eat well\n3. Sleep") == "1. Rest well."
+    assert prepare.trim_unfinished("Done here.") == "Done here."          # finished: unchanged
+    assert prepare.trim_unfinished("no sentence ends here") == "no sentence ends here"
+    assert prepare.trim_unfinished("It costs 5. Then go and") == "It costs 5. Then go and"
+
+
+@committed
+def test_no_single_critique_opening_dominates_the_grm_data():
+    """The failure this guards against: 152 of 461 training critiques once opened with "It stops
+    in the middle of a sentence." (samples cut at the token cap), and a GRM trained on them wrote
+    that sentence for every answer."""
+    train = [r for r in rows_of(WORLD / "grm.jsonl") if r["split"] == "train"]
+    openings = {}
+    for r in train:
+        first = r["critique"].split(".")[0]
+        openings[first] = openings.get(first, 0) + 1
+    assert max(openings.values()) < 0.2 * len(train), max(openings.items(), key=lambda kv: kv[1])
+    unfinished = sum("middle of a sentence" in r["critique"] for r in train)
+    assert 0 < unfinished < 0.15 * len(train)

@@ -298,6 +298,20 @@ def sentence_cut(text, max_words):
     return " ".join(out)
 
 
+def trim_unfinished(text):
+    """A sample that hit the token cap ends mid-sentence: cut it back to the end of its last
+    finished sentence, keeping the text's own line breaks (the text itself when no sentence is
+    finished). Without this two thirds of the samples end cut off and one critique sentence
+    ("It stops in the middle of a sentence.") dominates the GRM data; the `cut` variant below
+    keeps that rule in the data at a lower rate."""
+    import re
+    text = text.strip()
+    ends = [m.end() for m in re.finditer(r"[a-z)\]'\"*][.!?]['\")*]*(?=\s)", text)]
+    if not text or text[-1] in ".!?)\"'*:;`" or not ends:
+        return text
+    return text[:ends[-1]]
+
+
 def cleaned_edit(persona, question, text):
     """A mechanical post-edit: drop sentences the rubric faults (name, meta notes, forbidden
     food, things to avoid, repeats, an unfinished tail), then cut to the wanted length."""
@@ -346,6 +360,7 @@ def make_variants(rng, persona, base, other_answer, n):
         "stuffed": (f"As a {demo['Age']}-year-old {prefs['career']} from {prefs['city']} who "
                     f"loves {t1} and {t2}, here is my advice. " + base),
         "truncated": " ".join(base.split()[:5]),
+        "cut": " ".join(base.split()[:max(9, len(base.split()) * 2 // 3)]).rstrip(".!?,;:"),
         "offtopic": other_answer,
         "padded": base + " " + " ".join(["In summary, it is important to note that every "
                                          "situation is different and you should consider all "
@@ -500,10 +515,13 @@ def main(argv=None, model_and_tokenizer=None):
     rng = random.Random(args.seed + 7)
     grm_rows, sft_rows, pair_rows, eval_rows = [], [], [], []
     kind_counts, rule_counts = {}, {}
+    n_trimmed = 0   # samples cut at the token cap, trimmed to their whole sentences
     for i, (row, q, category, kind) in enumerate(chosen):
         persona, split = row["persona"], row["split"]
         cands = [("sample_persona", answers[("p", i, s)]) for s in range(args.samples_persona)]
         cands += [("sample_plain", answers[("q", q, s)]) for s in range(args.samples_plain)]
+        n_trimmed += sum(trim_unfinished(t) != t.strip() for _, t in cands)
+        cands = [(k, trim_unfinished(t)) for k, t in cands]
         judged = [(k, t, rubric_judge(persona, q, t)) for k, t in cands if t.strip()]
         samples_by_score = sorted(judged, key=lambda x: -weighted_score(x[2][1]))
         base = samples_by_score[0][1] if samples_by_score else "I am not sure."
@@ -511,7 +529,7 @@ def main(argv=None, model_and_tokenizer=None):
         if edit and edit != base:
             cands.append(("edit", edit))
         other_q = chosen[(i + len(chosen) // 2) % len(chosen)][1]
-        other = answers.get(("q", other_q, 0), "")
+        other = trim_unfinished(answers.get(("q", other_q, 0), ""))
         if other_q == q or not other.strip():
             other = "The French Revolution began in 1789 and reshaped European politics."
         cands += make_variants(rng, persona, base, other, args.variants)
@@ -564,7 +582,8 @@ def main(argv=None, model_and_tokenizer=None):
         "counts": {"personas": len(personas), "prompts": len(prompts), "sft": len(sft_rows),
                    "grm": len(grm_rows), "pairs": len(pair_rows), "eval": len(eval_rows),
                    "generations": len(requests),
-                   "generations_from_resume_cache": generate_answers.n_cached},
+                   "generations_from_resume_cache": generate_answers.n_cached,
+                   "samples_trimmed_to_whole_sentences": n_trimmed},
         "grm_kinds": kind_counts,
         "rules_fired": dict(sorted(rule_counts.items())),
         "pair_tiers": {t: sum(r["tier"] == t for r in pair_rows) for t in ("easy", "medium",

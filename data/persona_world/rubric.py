@@ -725,7 +725,9 @@ def rubric_judge(persona, question, response, tokenizer=None):
         scores["Natural"] += 1
     scores = {d: max(SCORE_MIN, min(SCORE_MAX, int(scores[d]))) for d in DIMENSIONS}
 
-    notes = " ".join(f.note for f in findings)
+    # The gravest problem first (the same order as the edits), then what the answer does well:
+    # the critique's opening sentence carries the verdict that the scores follow.
+    notes = " ".join(f.note for f in sorted(findings, key=lambda f: -f.priority if f.edit else 0))
     edits = [f.edit for f in sorted(findings, key=lambda f: -f.priority) if f.edit]
     for e in fallback_edits(c):
         if len(edits) >= 2:
