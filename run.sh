@@ -27,11 +27,11 @@ if [ "${PROFILE:-cpu}" = gpu ]; then  # sizes for one GPU (minutes on an H100), 
   : "${PPO_ARGS=--prompts-per-step 16 --samples 2 --max-new-tokens 160}"
   : "${EVAL_ARGS=--limit 0}"
 fi
-# 2 CPU cores: sized to stay under 30 minutes (measured from a fresh clone: about 25; stage times in the README)
+# 2 CPU cores: sized to stay well under 30 minutes on a shared machine (fresh-clone times: README)
 PPO_STEPS=${PPO_STEPS:-2}
-: "${GRM_ARGS=--eval-pairs 12 --eval-batch 24}"  # one generation batch for the 24 held-out replies
+: "${GRM_ARGS=--eval-pairs 12}"  # 12 held-out pairs: their 24 replies in one generation batch
 : "${BT_ARGS=--max-train 64}"
-: "${PPO_ARGS=--prompts-per-step 3}"
+: "${PPO_ARGS=--prompts-per-step 2}"
 : "${EVAL_ARGS=--limit 12}"
 
 if [ -z "${SKIP_INSTALL:-}" ]; then
