@@ -59,7 +59,7 @@ for pair in base:smollm2-135m-instruct sft:out/sft ppo_cpe:out/ppo_cpe/actor ppo
   python3 eval_persona.py winrate --policy "$policy" --judge rubric --max-new-tokens 160 ${EVAL_ARGS:-} --out "out/eval/$name"
 done
 # GRM and BT accuracy on the held-out pairs: train_grm.py scored them at the end of training
-# (out/grm/heldout_metrics.json, out/bt/heldout_metrics.json). On a GPU also score all 286 pairs:
+# (out/grm/heldout_metrics.json, out/bt/heldout_metrics.json). On a GPU also score all the pairs:
 if [ "${PROFILE:-cpu}" = gpu ]; then
   python3 eval_persona.py accuracy --data data/persona_world/pairs.jsonl --judge grm --model out/grm \
     --grm-max-new-tokens 160 --out out/eval/acc_grm
