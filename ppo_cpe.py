@@ -117,7 +117,8 @@ def get_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=2, help="sequences per forward/backward (memory: ~1 GB "
                    "of activations per 600-token sequence for the 135M default in fp32)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each step's batch (paper 1)")
-    p.add_argument("--actor-lr", type=float, default=5e-6, help="constant actor lr (paper 1e-6 for 7B)")
+    p.add_argument("--actor-lr", type=float, default=5e-5,
+                   help="constant actor lr (paper 1e-6 for 7B; 5e-5 lets the 4-step CPU default learn, README)")
     p.add_argument("--critic-lr", type=float, default=5e-5, help="constant critic lr (paper 1e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper 0.01)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm, actor and critic (paper 1.0)")
@@ -132,7 +133,7 @@ def get_args(argv=None):
     p.add_argument("--gamma", type=float, default=1.0, help="GAE discount (paper 1.0)")
     p.add_argument("--lam", type=float, default=1.0, help="GAE lambda (paper 1.0)")
     # bookkeeping
-    p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--save-every", type=int, default=5, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the latest ckpt_* in --out")
     p.add_argument("--log-samples", type=int, default=2, help="rollouts per step written to samples.jsonl")
     args = p.parse_args(argv)
@@ -779,7 +780,7 @@ def main(argv=None):
                                         "text": s["text"]}, ensure_ascii=False) + "\n")
         bar.set_postfix(R=f"{row['orig_reward']:.2f}", Re=f"{row['edit_reward'] or 0:.2f}",
                         len=f"{row['orig_len_mean']:.0f}", kl=f"{row['approx_kl']:.3f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == total:
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
             save_checkpoint(args, step + 1, actor, critic, opt_a, opt_c, tok)
     logger.close()
     print0(f"done: actor in {Path(args.out) / 'actor'}, metrics in {Path(args.out) / 'metrics.jsonl'}")

@@ -360,6 +360,13 @@ def test_resume_after_stop_continues_identically(runs):
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
 
 
+def test_save_every_zero_checkpoints_only_at_the_end(tiny_run_inputs, tmp_path):
+    rows = run_ppo(tiny_run_inputs, tmp_path / "o", "--max-steps", "2", "--save-every", "0", "--no-edit")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert sorted(d.name for d in (tmp_path / "o").glob("ckpt_*")) == ["ckpt_000002"]
+    assert (tmp_path / "o" / "actor" / "config.json").exists()
+
+
 def test_missing_inputs_name_the_command(tmp_path):
     with pytest.raises(SystemExit, match="python sft.py"):
         ppo_cpe.main(["--sft", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
