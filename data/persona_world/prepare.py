@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -304,7 +305,6 @@ def trim_unfinished(text):
     finished). Without this two thirds of the samples end cut off and one critique sentence
     ("It stops in the middle of a sentence.") dominates the GRM data; the `cut` variant below
     keeps that rule in the data at a lower rate."""
-    import re
     text = text.strip()
     ends = [m.end() for m in re.finditer(r"[a-z)\]'\"*][.!?]['\")*]*(?=\s)", text)]
     if not text or text[-1] in ".!?)\"'*:;`" or not ends:
