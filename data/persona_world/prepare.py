@@ -36,8 +36,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))   # the repository root, for `common` and `data.*`
 
-from data.persona_world.rubric import (AVOIDS, DIETS, META_PHRASES, make_case,  # noqa: E402
-                                       rubric_judge, rule_findings, weighted_score)
+from data.persona_world.rubric import (AVOIDS, DIETS, FINISHED_ENDINGS,  # noqa: E402
+                                       META_PHRASES, make_case, rubric_judge, rule_findings,
+                                       weighted_score)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--seed", type=int, default=1234, help="seed for personas, questions, sampling")
@@ -307,7 +308,7 @@ def trim_unfinished(text):
     keeps that rule in the data at a lower rate."""
     text = text.strip()
     ends = [m.end() for m in re.finditer(r"[a-z)\]'\"*][.!?]['\")*]*(?=\s)", text)]
-    if not text or text[-1] in ".!?)\"'*:;`" or not ends:
+    if not text or text[-1] in FINISHED_ENDINGS or not ends:
         return text
     return text[:ends[-1]]
 
@@ -520,8 +521,9 @@ def main(argv=None, model_and_tokenizer=None):
         persona, split = row["persona"], row["split"]
         cands = [("sample_persona", answers[("p", i, s)]) for s in range(args.samples_persona)]
         cands += [("sample_plain", answers[("q", q, s)]) for s in range(args.samples_plain)]
-        n_trimmed += sum(trim_unfinished(t) != t.strip() for _, t in cands)
-        cands = [(k, trim_unfinished(t)) for k, t in cands]
+        trimmed = [(k, trim_unfinished(t)) for k, t in cands]
+        n_trimmed += sum(t != raw.strip() for (_, t), (_, raw) in zip(trimmed, cands))
+        cands = trimmed
         judged = [(k, t, rubric_judge(persona, q, t)) for k, t in cands if t.strip()]
         samples_by_score = sorted(judged, key=lambda x: -weighted_score(x[2][1]))
         base = samples_by_score[0][1] if samples_by_score else "I am not sure."

@@ -407,11 +407,14 @@ def rule_too_short(c):
                    edit="Add one or two sentences that give the concrete answer.", priority=90)
 
 
+FINISHED_ENDINGS = ".!?)\"'*:;`"   # last characters of a text that does not stop mid-sentence
+
+
 def rule_unfinished(c):
     """SPEC 1.1 Helpfulness/Natural: an answer cut off mid-sentence is incomplete and reads
     badly (the 0-1 'basic' band at best)."""
     text = c.response.rstrip()
-    if not text or text[-1] in ".!?)\"'*:;`" or c.n_words < 8:
+    if not text or text[-1] in FINISHED_ENDINGS or c.n_words < 8:
         return None
     return Finding("It stops in the middle of a sentence.",
                    delta={"Helpfulness": -1, "Natural": -1},
