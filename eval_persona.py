@@ -565,14 +565,16 @@ class GRMScorer:
         order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
         for k in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", dynamic_ncols=True):
             batch = order[k:k + self.batch_size]
+            watch = common.grm_watch_ids(self.tokenizer) if self.score == "expected" else None
             gen = common.generate(self.model, [prompts[i] for i in batch], self.max_new_tokens,
-                                  temperature=0.0, stop_ids=stop)
+                                  temperature=0.0, stop_ids=stop, watch_ids=watch)
             for j, i in enumerate(batch):
                 text = self.tokenizer.decode(gen.tokens[j], skip_special_tokens=True)
                 scores = common.parse_grm_scores(text)
                 self.n_failed += scores is None
-                if self.score == "expected" and scores is not None:
-                    scores = common.grm_expected_scores(self.model, self.tokenizer, prompts[i], gen.tokens[j])
+                if self.score == "expected" and scores is not None:  # from the recorded digit probabilities
+                    scores = common.grm_expected_scores(self.model, self.tokenizer, prompts[i], gen.tokens[j],
+                                                        watched=gen.watched[j])
                 out[i] = {"score": common.grm_reward(scores), "scores": scores, "grm_output": text}
         return out
 

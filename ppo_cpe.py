@@ -50,7 +50,7 @@ from common import (
     is_distributed,
     DEFAULT_MODEL, MetricsLogger, all_reduce_sum, chat_prompt_ids, conversation_ids_and_mask,
     dist_cleanup, dist_init, full_state_dict, generate, grm_messages, grm_reward, is_rank0,
-    latest_checkpoint, load_model, load_training_state, pack_sequences, parse_grm_critique,
+    latest_checkpoint, load_model, load_training_state, pack_shared_prompts, parse_grm_critique,
     parse_grm_scores, persona_messages, print0, read_jsonl_checked, require_field, save_model,
     save_training_state, stop_token_ids, unsharded, unwrap, wrap_model,
 )
@@ -352,9 +352,11 @@ def judge(args, rm, cases, sampled, seed, counts):
         seqs = [bt_ids(tok, *c) for c in cases]
         rewards = []
         with torch.no_grad():
-            for i in range(0, len(seqs), args.grm_batch_size):
-                ids, cu = pack_sequences(seqs[i:i + args.grm_batch_size], model.output_weight().device)
-                rewards += model.values(ids, cu)[0, cu[1:].long() - 1].tolist()
+            for i in range(0, len(seqs), args.grm_batch_size):  # a prompt's samples share it (exact)
+                ids, cu, parents, _, last = common.pack_shared_prefixes(seqs[i:i + args.grm_batch_size])
+                dev = model.output_weight().device
+                rewards += model.values(torch.tensor([ids], device=dev), torch.tensor(cu, device=dev,
+                                        dtype=torch.int32), parents=parents)[0, last].tolist()
         return [(r, None, "") for r in rewards]
     temperature = args.critique_temperature if sampled else 0.0
     if args.grm_url:  # remote GRM (vLLM or any OpenAI-compatible server)
@@ -370,12 +372,14 @@ def judge(args, rm, cases, sampled, seed, counts):
     else:  # local GRM checkpoint through our engine
         model, tok = rm
         texts, replies = [], []
+        # the scoring call records the score digits' probabilities as it writes them (expected scores)
+        watch = common.grm_watch_ids(tok) if not sampled and args.grm_score == "expected" else None
         for i in range(0, len(cases), args.grm_batch_size):
             prompts = [chat_prompt_ids(tok, grm_messages(*c)) for c in cases[i:i + args.grm_batch_size]]
             gen = generate(model, prompts, args.grm_max_new_tokens, temperature=temperature,
-                           stop_ids=stop_token_ids(tok), seed=seed + i)
+                           stop_ids=stop_token_ids(tok), seed=seed + i, watch_ids=watch)
             texts += [tok.decode(t, skip_special_tokens=True) for t in gen.tokens]
-            replies += list(zip(prompts, gen.tokens))
+            replies += list(zip(prompts, gen.tokens, gen.watched or [None] * len(prompts)))
     out = []
     for k, text in enumerate(texts):
         if text is None:
@@ -387,7 +391,8 @@ def judge(args, rm, cases, sampled, seed, counts):
             counts["parse_fail"] += 1
         elif not sampled and args.grm_score == "expected" and not args.grm_url:
             # probability-weighted scores at the written score tokens (common.grm_expected_scores)
-            scores = common.grm_expected_scores(model, tok, *replies[k])
+            prompt, reply, watched = replies[k]
+            scores = common.grm_expected_scores(model, tok, prompt, reply, watched=watched)
         out.append((grm_reward(scores), scores, parse_grm_critique(text)))
     return out
 
@@ -414,15 +419,13 @@ def response_logprobs(model, seqs, starts, temperature, with_entropy=False, entr
     tokens, and the output layer is the widest matrix of a small model), always in fp32.
     Equal to common.sequence_logprobs (tested)."""
     device = unwrap(model).output_weight().device
-    ids, cu = pack_sequences(seqs, device)
-    pos = torch.cat([torch.arange(b + s - 1, e - 1, device=device)
-                     for b, e, s in zip(cu[:-1].tolist(), cu[1:].tolist(), starts)])
-    h = model.hidden_states(ids, cu)[0, pos]  # under FSDP2 a registered forward method (see main)
+    # samples of the same prompt share one copy of it (common.pack_shared_prompts, exact)
+    ids, cu, parents, pos, targets, sizes = pack_shared_prompts(seqs, starts, device)
+    h = model.hidden_states(ids, cu, parents=parents)[0, pos]  # FSDP2: a registered forward method (main)
     with torch.autocast(device.type, enabled=False):
         logits = unwrap(model).lm_head_logits(h.to(unwrap(model).output_weight().dtype)).float()
     logp_all = torch.log_softmax(logits / temperature, -1)
-    logp = logp_all.gather(-1, ids[0, pos + 1, None])[:, 0]
-    sizes = [len(s) - st for s, st in zip(seqs, starts)]
+    logp = logp_all.gather(-1, targets[:, None])[:, 0]
     if not with_entropy:
         return list(logp.split(sizes)), None
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
@@ -439,9 +442,8 @@ def autocast(args, device):
 def response_values(critic, seqs, starts):
     """Critic value V(s_t) at each position that predicts a response token (the state before it)."""
     device = unwrap(critic).output_weight().device
-    ids, cu = pack_sequences(seqs, device)
-    v = critic.values(ids, cu)[0]
-    return [v[b + s - 1:e - 1] for b, e, s in zip(cu[:-1].tolist(), cu[1:].tolist(), starts)]
+    ids, cu, parents, pos, _, sizes = pack_shared_prompts(seqs, starts, device)
+    return list(critic.values(ids, cu, parents=parents)[0, pos].split(sizes))
 
 
 def chunked(seq, size):
@@ -528,15 +530,19 @@ def prepare_advantages(args, env, actor, critic, ref, samples):
     """Old log-probs, values, rewards, GAE and whitened advantages for the whole batch (padded)."""
     seqs = [s["prompt_ids"] + s["response"] for s in samples]
     starts = [len(s["prompt_ids"]) for s in samples]
-    old, vals, refs = [], [], []
+    old, vals, refs = [None] * len(seqs), [None] * len(seqs), [None] * len(seqs)
+    by_prompt = sorted(range(len(seqs)), key=lambda i: seqs[i][:starts[i]])  # a prompt's samples together
     with torch.no_grad(), autocast(args, env.device):
-        for chunk in chunked(list(range(len(seqs))), args.micro_batch_size * 2):
+        for chunk in chunked(by_prompt, args.micro_batch_size * 2):
             cs, cst = [seqs[i] for i in chunk], [starts[i] for i in chunk]
             # log pi_old under the ORIGINAL prompt for every sample (edits included: KL and diagnostics)
-            old += response_logprobs(actor, cs, cst, args.temperature)[0]
-            vals += response_values(critic, cs, cst)
+            for i, lp in zip(chunk, response_logprobs(actor, cs, cst, args.temperature)[0]):
+                old[i] = lp
+            for i, v in zip(chunk, response_values(critic, cs, cst)):
+                vals[i] = v
             if ref is not None:
-                refs += response_logprobs(ref, cs, cst, args.temperature)[0]
+                for i, lp in zip(chunk, response_logprobs(ref, cs, cst, args.temperature)[0]):
+                    refs[i] = lp
     old_logp, mask = pad_right([x.float().cpu() for x in old])
     values, _ = pad_right([x.float().cpu() for x in vals])
     ref_logp = pad_right([x.float().cpu() for x in refs])[0] if ref is not None else None
@@ -600,7 +606,9 @@ def ppo_update(args, step, env, actor, critic, opt_a, opt_c, b):
             scale = env.world_size / n_tok  # FSDP averages gradients over ranks: this makes a global token-mean
             opt_a.zero_grad(set_to_none=True)
             opt_c.zero_grad(set_to_none=True)
-            for micro in chunked(idx, args.micro_batch_size):
+            # micro-batches by prompt, so that a prompt's samples share one copy of it (same math)
+            by_prompt = sorted(idx, key=lambda i: b["seqs"][i][:b["starts"][i]])
+            for micro in chunked(by_prompt, args.micro_batch_size):
                 with autocast(args, env.device):
                     o = microbatch_losses(args, actor, critic, b, micro)
                 m = o["mask"]
@@ -737,8 +745,8 @@ def main(argv=None):
         warnings.filterwarnings("ignore", message=".*returned a view tensor")  # values(): we never write into it
         register_fsdp_forward_method(actor, "hidden_states")
         register_fsdp_forward_method(critic, "values")
-    opt_a = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    opt_a = common.adamw(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
+    opt_c = common.adamw(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
 
     items = load_prompts(args.prompts, tok, args.max_prompt_tokens)
     if args.prompts_per_step % env.world_size:

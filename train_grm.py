@@ -55,8 +55,8 @@ import common
 from common import (
     DEFAULT_MODEL, DataError, MetricsLogger, all_reduce_sum, append_jsonl, chat_completion,
     chat_prompt_ids, conversation_ids_and_mask, cosine_lr, dist_cleanup, dist_init, format_grm_output,
-    generate, grm_expected_scores, grm_messages, grm_reward, is_distributed, is_rank0, latest_checkpoint,
-    load_model, load_training_state,
+    generate, grm_expected_scores, grm_messages, grm_reward, grm_watch_ids, is_distributed, is_rank0,
+    latest_checkpoint, load_model, load_training_state,
     map_concurrent, pack_sequences, parse_grm_critique, parse_grm_scores, persona_messages, print0,
     read_jsonl_checked, require_field, save_model, save_training_state, sft_train, stop_token_ids,
     unsharded, unwrap, wrap_model, write_jsonl,
@@ -84,8 +84,9 @@ def get_args(argv=None):
     p.add_argument("--grm-data", default=str(WORLD / "grm.jsonl"),
                    help="GRM SFT file (persona, question, response, grm_output, split): written by "
                         "annotate, read by grm")
-    p.add_argument("--max-train", type=int, default=128,
-                   help="use at most this many training examples (GRM rows / BT pairs); 0 = all")
+    p.add_argument("--max-train", type=int, default=None,
+                   help="use at most this many training examples (GRM rows / BT pairs); 0 = all "
+                        "(default: all GRM rows, 128 BT pairs)")
     p.add_argument("--max-len", type=int, default=1536,
                    help="examples longer than this many tokens are dropped (and counted), not cut")
     # annotation teacher
@@ -110,10 +111,14 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = epochs)")
     p.add_argument("--global-batch", type=int, default=None,
                    help="examples per optimizer step, all ranks together (GRM documents / BT pairs; "
-                        "default 2 for the GRM, 8 for BT: with 128 CPU examples more, smaller steps "
-                        "reached a lower eval loss, README)")
+                        "default 4 for the GRM (with --share-prefix, mostly one question's answers), "
+                        "8 for BT; README)")
     p.add_argument("--token-budget", type=int, default=4096,
                    help="GRM: tokens per packed micro-batch per rank (>= --max-len)")
+    p.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="GRM: a step's documents come from neighbouring prompts (same persona and "
+                        "question) and their shared prompt tokens are computed once (exact; "
+                        "common.share_prefixes): about 3x fewer tokens on the persona world")
     p.add_argument("--micro-pairs", type=int, default=2,
                    help="BT: pairs per forward/backward pass (gradients accumulate over the step)")
     p.add_argument("--eval-every", type=int, default=0, help="GRM: eval loss every N steps (0 = at the end)")
@@ -144,7 +149,9 @@ def get_args(argv=None):
     if args.out is None:
         args.out = "out/bt" if args.mode == "bt" else "out/grm"
     if args.global_batch is None:
-        args.global_batch = 8 if args.mode == "bt" else 2
+        args.global_batch = 8 if args.mode == "bt" else 4
+    if args.max_train is None:
+        args.max_train = 128 if args.mode == "bt" else 0
     return args
 
 
@@ -364,18 +371,19 @@ def grm_pairwise_eval(model, tokenizer, pairs, env, max_new_tokens, batch_size):
     prompts = [chat_prompt_ids(tokenizer, grm_messages(pr["persona"], pr["question"], pr[side]))
                for pr, side in items]
     stops = stop_token_ids(tokenizer)
-    texts, reply_ids = [], []
+    texts, reply_ids, watched = [], [], []
     model.eval()
     with torch.no_grad(), unsharded(model):
         for i in tqdm(range(0, len(prompts), batch_size), desc="grm eval", disable=not is_rank0()):
             gen = generate(unwrap(model), prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
-                           stop_ids=stops)
+                           stop_ids=stops, watch_ids=grm_watch_ids(tokenizer))
             texts += [tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
             reply_ids += gen.tokens
-        # probability-weighted scores of the same replies (common.grm_expected_scores): one forward
-        # each, over the tokens the GRM generated (as in ppo_cpe), under the same gathered weights
-        expected = [grm_reward(grm_expected_scores(unwrap(model), tokenizer, prompt, reply))
-                    for prompt, reply in zip(prompts, reply_ids)]
+            watched += gen.watched
+    # probability-weighted scores of the same replies (common.grm_expected_scores, as in ppo_cpe),
+    # from the score-token probabilities the engine recorded while it wrote them
+    expected = [grm_reward(grm_expected_scores(None, tokenizer, prompt, reply, watched=w))
+                for prompt, reply, w in zip(prompts, reply_ids, watched)]
     rows = []
     for j, pr in enumerate(mine):
         tc, tr = texts[2 * j], texts[2 * j + 1]
@@ -580,7 +588,7 @@ def run_bt(args, env):
         model = wrap_model(model, "fsdp", env)
         register_fsdp_forward_method(model, "values")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = common.adamw(params, lr=args.lr, weight_decay=args.weight_decay)
     G = args.global_batch
     steps_per_epoch = math.ceil(len(seqs) / G)
     total = args.max_steps or args.epochs * steps_per_epoch

@@ -84,8 +84,8 @@ def bench_cpe(a):
     actor, tok = common.load_model(args.sft, device=env.device)
     critic, _ = common.load_model(args.sft, device=env.device, value_head=True)
     rm = common.load_model(grm, device=env.device)
-    opt_a = torch.optim.AdamW(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    opt_a = common.adamw(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
+    opt_c = common.adamw(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
     path = args.prompts if Path(args.prompts).exists() else None
     items = ppo_cpe.load_prompts(path, tok, args.max_prompt_tokens) if path else \
         [{"persona": p, "question": q, "prompt_ids": common.chat_prompt_ids(tok, common.persona_messages(p, q))}
@@ -127,8 +127,8 @@ def bench_ours(a, rows):
     critic, _ = common.load_model(args.sft, device=env.device, value_head=True)
     ref, _ = common.load_model(args.sft, device=env.device)
     rm = common.load_model(args.sft, device=env.device, value_head=True)
-    opt_a = torch.optim.AdamW(actor.parameters(), lr=1e-6, weight_decay=args.weight_decay)
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=1e-5, weight_decay=args.weight_decay)
+    opt_a = common.adamw(actor.parameters(), lr=1e-6, weight_decay=args.weight_decay)
+    opt_c = common.adamw(critic.parameters(), lr=1e-5, weight_decay=args.weight_decay)
     prompts = [(p, q, common.chat_prompt_ids(tok, common.persona_messages(p, q))) for p, q in rows]
     stops = common.stop_token_ids(tok)
     times, lengths, cpu = [], [], []

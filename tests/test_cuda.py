@@ -142,3 +142,20 @@ def test_flash_attention_kvcache_path_matches_sdpa(monkeypatch):
         monkeypatch.setenv("PERSONARL_ATTN", "sdpa")
         sdpa = model(ids, cu).float()
     assert (flash.softmax(-1) - sdpa.softmax(-1)).abs().max().item() < 2e-2
+
+
+def test_shared_prefix_packing_on_cuda_matches_whole_sequences():
+    """Shared-prefix packing (parents) on the GPU: flash-attn's varlen kernel with separate key
+    lengths when installed, else SDPA; each answer's next-token distributions match those of its
+    whole sequence run alone."""
+    model, tok = common.load_model(common.DEFAULT_MODEL, device="cuda", dtype=torch.bfloat16)
+    prompt = chat_prompts(tok, QUESTIONS[:1])[0]
+    answers = [tok(a)["input_ids"] for a in ("Red, green and blue.", "Blue, yellow, and a warm orange.")]
+    seqs, starts = [prompt + a for a in answers], [len(prompt)] * 2
+    ids, cu, parents, pos, _, sizes = common.pack_shared_prompts(seqs, starts, device="cuda")
+    assert parents is not None
+    with torch.no_grad():
+        shared = model(ids, cu, parents=parents)[0].float()[pos].split(sizes)
+        for seq, got in zip(seqs, shared):
+            whole = model(torch.tensor([seq], device="cuda"))[0].float()[len(prompt) - 1:-1]
+            assert (got.softmax(-1) - whole.softmax(-1)).abs().max().item() < 2e-2

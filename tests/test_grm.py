@@ -428,3 +428,26 @@ def test_expected_scores_match_a_slow_reference(smollm2):
             assert abs(got[name] - ref[name]) < 1e-4, (name, got, ref)
             assert -5 <= got[name] <= 5
     assert common.grm_expected_scores(model, tok, prompt, tok("no scores here")["input_ids"]) is None
+
+
+def test_engine_watched_probs_give_the_same_expected_scores(smollm2):
+    """generate(watch_ids=grm_watch_ids) records the probabilities grm_expected_scores needs while it
+    decodes; scoring from them (no second forward) equals the teacher-forced forward, on a planted
+    GRM reply (greedy decoding forced onto it by a prompt that ends just before it) and on the
+    engine's own greedy continuation."""
+    model, tok = smollm2
+    watch = common.grm_watch_ids(tok)
+    prompt = common.chat_prompt_ids(tok, common.grm_messages({"Name": "Ana"}, "What should I cook?", "Pasta."))
+    gen = common.generate(model, [prompt], 24, temperature=0.0, watch_ids=watch)
+    reply = gen.tokens[0]
+    with torch.no_grad():
+        forced = torch.softmax(model(torch.tensor([prompt + reply]))[0, len(prompt) - 1:-1].float(), -1)[:, watch]
+    assert gen.watched[0].shape == (len(reply), len(watch))
+    assert torch.allclose(gen.watched[0], forced, atol=1e-4)
+    scored = tok(format_grm_output("It answers the question in part.",
+                                   {"Helpfulness": 2, "Personalization": -1, "Natural": 3}))["input_ids"]
+    with torch.no_grad():
+        watched = torch.softmax(model(torch.tensor([prompt + scored]))[0, len(prompt) - 1:-1].float(), -1)[:, watch]
+    a = common.grm_expected_scores(model, tok, prompt, scored)
+    b = common.grm_expected_scores(None, tok, prompt, scored, watched=watched)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)

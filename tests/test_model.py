@@ -112,6 +112,33 @@ def test_sharded_save_loads(tmp_path):
         assert torch.equal(model(ids), again(ids))
 
 
+def test_prefill_with_shared_prefixes_equals_prompts_alone(tmp_path):
+    """Prompts that start alike are prefilled with their common prefix computed once (the cache
+    gets it in every row); greedy tokens and log-probs equal each prompt generated alone, and a
+    seeded sampled batch equals the same batch without sharing (min_shared above every prefix)."""
+    _, folder = hf_reference("qwen2", tmp_path)
+    model, _ = common.load_model(folder)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, 49152, (n,), generator=g).tolist()  # noqa: E731
+    persona = rand(30)
+    prompts = [persona + rand(4), rand(9), persona + rand(7), persona[:20] + rand(3), persona + rand(1)]
+    ids, cu, parents, index, last = common.pack_shared_prefixes(prompts)
+    assert parents is not None and len(ids) < sum(map(len, prompts)) - 40
+    gen = common.generate(model, prompts, 10, stop_ids=[])
+    for p, toks, lps in zip(prompts, gen.tokens, gen.logprobs):
+        alone = common.generate(model, [p], 10, stop_ids=[])
+        assert toks == alone.tokens[0]
+        assert max(abs(a - b) for a, b in zip(lps, alone.logprobs[0])) < 1e-4
+    sampled = common.generate(model, prompts, 10, temperature=1.0, seed=7, stop_ids=[])
+    orig = common.pack_shared_prefixes.__defaults__
+    try:
+        common.pack_shared_prefixes.__defaults__ = (10**9,)  # no sharing
+        plain = common.generate(model, prompts, 10, temperature=1.0, seed=7, stop_ids=[])
+    finally:
+        common.pack_shared_prefixes.__defaults__ = orig
+    assert sampled.tokens == plain.tokens
+
+
 def test_sampling_seeded_and_per_row_stop(tmp_path):
     _, folder = hf_reference("llama", tmp_path)
     model, _ = common.load_model(folder)

@@ -219,6 +219,41 @@ def test_temperature_scaled_logprobs_equal_engine_sampling_logprobs(tok):
         assert (ent[i] > 0).all()
 
 
+def test_shared_prompt_packing_equals_whole_sequences():
+    """response_logprobs / response_values store a prompt shared by several samples once
+    (common.pack_shared_prompts); log-probs, entropies, values and gradients equal those of every
+    sequence run whole (a wrong prediction position or position offset would break this)."""
+    torch.manual_seed(0)
+    p1, p2, p3 = [torch.randint(3, 200, (n,)).tolist() for n in (11, 7, 5)]
+    resp = [torch.randint(3, 200, (n,)).tolist() for n in (4, 6, 1, 3, 5)]
+    seqs = [p1 + resp[0], p2 + resp[1], p1 + resp[2], p3 + resp[3], p1 + resp[4]]
+    starts = [11, 7, 11, 5, 11]
+    ids, cu, parents, pos, targets, sizes = common.pack_shared_prompts(seqs, starts)
+    assert ids.shape[1] == 11 + sum(map(len, resp)) + 7 + 5 and sizes == [4, 6, 1, 3, 5]
+    assert parents is not None and sum(q >= 0 for q in parents) == 3  # p1's three samples
+    actor, critic = tiny_model(), tiny_model(seed=1, value_head=True)
+    with torch.no_grad():
+        critic.value_head.weight.normal_(0, 1.0)
+    lp, ent = ppo_cpe.response_logprobs(actor, seqs, starts, 0.9, with_entropy=True, entropy_grad=True)
+    vals = ppo_cpe.response_values(critic, seqs, starts)
+    (sum(x.sum() for x in lp) + sum(x.sum() for x in ent) + sum(x.sum() for x in vals)).backward()
+    grads = [p.grad.clone() for p in list(actor.parameters()) + list(critic.parameters()) if p.grad is not None]
+    actor.zero_grad(), critic.zero_grad()
+    total = 0
+    for seq, st, a, e, v in zip(seqs, starts, lp, ent, vals):
+        ref = torch.log_softmax(actor(torch.tensor([seq]))[0, st - 1:-1] / 0.9, -1)
+        ref_lp = ref.gather(-1, torch.tensor(seq[st:])[:, None])[:, 0]
+        ref_ent = -(ref.exp() * ref).sum(-1)
+        ref_v = critic.values(torch.tensor([seq]))[0, st - 1:-1]
+        assert torch.allclose(a, ref_lp, atol=1e-5) and torch.allclose(e, ref_ent, atol=1e-5)
+        assert torch.allclose(v, ref_v, atol=1e-5)
+        total = total + ref_lp.sum() + ref_ent.sum() + ref_v.sum()
+    total.backward()
+    ref_grads = [p.grad for p in list(actor.parameters()) + list(critic.parameters()) if p.grad is not None]
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-7
+
+
 def make_args(**kw):
     args = ppo_cpe.get_args(["--reward", "rubric"])
     for k, v in kw.items():
@@ -239,6 +274,22 @@ def planted_batch(tok, actor, critic):
     env = common.DistEnv(0, 0, 1, torch.device("cpu"))
     b = ppo_cpe.prepare_advantages(make_args(), env, actor, critic, None, samples)
     return b, x, x_edit, y
+
+
+def test_bt_reward_with_shared_prompts_equals_each_sequence_alone(tok):
+    """--reward bt scores a batch whose samples share prompts with one packed forward (prefixes
+    once, common.pack_shared_prefixes); each reward equals the value head at the last token of its
+    sequence run alone."""
+    rm = tiny_model(seed=3, value_head=True)
+    with torch.no_grad():
+        rm.value_head.weight.normal_(0, 1.0)
+    persona = {"Name": "Ana", "Demographics": {"Career_Information": "nurse"}}
+    cases = [(persona, "What should I cook?", "Pasta."), (persona, "What should I cook?", "Lentil soup, quickly."),
+             ({"Name": "Bo"}, "How do I rest?", "Sleep early."), (persona, "What should I cook?", "Rice.")]
+    got = [r for r, _, _ in ppo_cpe.judge(make_args(reward="bt", grm_batch_size=8), (rm, tok), cases, False, 0, {})]
+    with torch.no_grad():
+        want = [float(rm.values(torch.tensor([ppo_cpe.bt_ids(tok, *c)]))[0, -1]) for c in cases]
+    assert got == pytest.approx(want, abs=1e-5) and len(set(round(x, 4) for x in got)) == 4
 
 
 def test_edit_numerator_is_conditioned_on_the_original_prompt(tok):

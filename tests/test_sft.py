@@ -99,8 +99,8 @@ def test_prompt_tokens_receive_no_gradient():
     batch = packed_sft_batch(docs)
     captured = {}
 
-    def spy(ids, cu, logits_mask):  # the model, keeping its full logits to read their gradient
-        captured["logits"] = model(ids, cu)
+    def spy(ids, cu, logits_mask, parents=None):  # the model, keeping its full logits to read their gradient
+        captured["logits"] = model(ids, cu, parents=parents)
         captured["logits"].retain_grad()
         return captured["logits"][logits_mask]
 
@@ -139,6 +139,59 @@ def test_packed_and_unpacked_give_the_same_loss():
     assert torch.allclose(packed, padded, rtol=1e-5, atol=0)
 
 
+def shared_prompt_docs(seed=0, vocab=256):
+    """Documents in three families: each family's members share a long untrained prompt (a
+    'persona'), some also a second untrained stretch (a 'question'), then differ; plus one loner."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    docs = []
+    for family in range(3):
+        persona = rand(40 + 7 * family)
+        for question in range(2):
+            q = rand(9)
+            for answer in range(2 + family % 2):
+                prompt, reply = persona + q + rand(5 + answer), rand(6 + 3 * answer)
+                docs.append((prompt + reply, [0] * len(prompt) + [1] * len(reply)))
+    loner = rand(30)
+    docs.append((loner, [0] * 20 + [1] * 10))
+    return docs
+
+
+def test_shared_prefix_packing_is_exact_and_shorter():
+    """share_prefix stores a prompt shared by several documents once; the loss and every gradient
+    equal those of plain packing (a wrong position offset or a prefix that leaked across groups
+    would change them), and no shared position predicts a trained token."""
+    from common import share_prefixes, shared_tokens
+    torch.set_default_dtype(torch.float32)
+    docs = shared_prompt_docs()
+    groups = share_prefixes(docs)
+    assert sorted(i for _, m in groups for i in m) == list(range(len(docs)))  # each doc once
+    for shared, members in groups:
+        for i in members:
+            assert docs[i][0][:shared] == docs[members[0]][0][:shared]
+            assert not any(docs[i][1][:shared + 1])  # the prefix predicts no trained token
+    plain, shared_batch = packed_sft_batch(docs), packed_sft_batch(docs, share_prefix=True)
+    n_plain = plain["input_ids"].numel()
+    assert shared_batch["input_ids"].numel() == shared_tokens(docs, groups) < 0.7 * n_plain
+    model, ref = tiny_model(), tiny_model()
+    loss, n = sft_loss_sum(model, shared_batch)
+    expect, n_ref = sft_loss_sum(ref, plain)
+    assert n == n_ref and torch.allclose(loss, expect, rtol=1e-5, atol=0)
+    loss.backward(), expect.backward()
+    for (k, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-5 * b.grad.abs().max(), k  # summation order only
+    # the logits of every continuation equal those of its document run alone
+    for shared, members in groups:
+        if shared:
+            i = members[-1]
+            alone = model(torch.tensor([docs[i][0]]))[0]
+            b = packed_sft_batch([docs[j] for j in members], share_prefix=True)
+            full = model(b["input_ids"], b["cu_seqlens"], parents=b["parents"])[0]
+            tail = full[-(len(docs[i][0]) - shared):]
+            assert torch.allclose(tail, alone[shared:], atol=1e-5)
+            break
+
+
 def test_masked_head_loss_equals_full_logits_cross_entropy():
     """sft_loss_sum computes the output layer only on trained positions; the loss and gradients
     equal a plain cross-entropy over the full logits with ignored targets."""
@@ -172,6 +225,27 @@ def test_training_loop_loss_independent_of_token_budget(tmp_path, tok):
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)
 
 
+def test_shared_prefix_training_equals_unshared_steps(tmp_path, tok):
+    """sft_train with share_prefix: the same loss curve whether the micro-batches can share prompts
+    (large budget) or not (one document each), with fewer input tokens; every document is trained
+    once per epoch."""
+    from common import _sft_epoch_steps
+    docs = shared_prompt_docs(seed=3)
+    steps = _sft_epoch_steps(docs, 4, 0, True)
+    assert sorted(i for st in steps for i in st) == list(range(len(docs))) and max(map(len, steps)) == 4
+    curves, tokens = [], []
+    for budget in (80, 4096):  # 80: one document per micro-batch (the longest has 78 tokens)
+        out = tmp_path / f"b{budget}"
+        sft_train(tiny_model(), tok, docs, [], train_args(out, token_budget=budget, global_batch=4, epochs=2,
+                                                          lr=1e-2, warmup_ratio=0.0, share_prefix=True), out, CPU)
+        rows = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+        curves.append([r["loss"] for r in rows])
+        tokens.append(sum(r["input_tokens"] for r in rows))
+    assert len(curves[0]) == 2 * len(steps)
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+    assert tokens[1] < 0.8 * tokens[0]
+
+
 # ------------------------------------------------------------------------------ training loop
 
 def test_loss_falls_over_20_steps(tmp_path, tok):
@@ -189,9 +263,11 @@ def test_loss_falls_over_20_steps(tmp_path, tok):
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tok):
-    docs = synthetic_docs(20, seed=4)
-    common_kw = dict(global_batch=4, epochs=2, lr=5e-3, token_budget=96, save_every=3)
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tok, share_prefix):
+    docs = shared_prompt_docs(seed=4) if share_prefix else synthetic_docs(20, seed=4)
+    common_kw = dict(global_batch=4, epochs=2, lr=5e-3, token_budget=96 if not share_prefix else 256,
+                     save_every=3, share_prefix=share_prefix)
     full = tiny_model()
     sft_train(full, tok, docs, [], train_args(tmp_path / "full", **common_kw), tmp_path / "full", CPU)
 
@@ -208,7 +284,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tok):
     # the resumed run logs the same losses as the uninterrupted one from the checkpoint on
     loss_full = {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl")) if "loss" in r}
     loss_res = {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
-    assert loss_full == loss_res and len(loss_full) == 10
+    assert loss_full == loss_res and len(loss_full) == 2 * -(-len(docs) // 4)
 
     # a resume with a different batch plan is refused instead of silently misaligning the data
     with pytest.raises(ValueError, match="different data or batch plan"):
