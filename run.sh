@@ -7,6 +7,7 @@
 #   PPO_STEPS=8 PPO_ARGS= bash run.sh  # longer PPO runs, default batch
 #   PROFILE=gpu SKIP_INSTALL=1 bash run.sh   # one CUDA GPU: all GRM data, full fine-tunes, bigger PPO
 #   GRM_ARGS=... BT_ARGS=... PPO_ARGS=... EVAL_ARGS=... SFT_ARGS=...   # extra flags per stage
+#   KEEP_PPO_CKPT=1 bash run.sh   # keep the PPO runs' resume states (~11 GB) after they finish
 #
 # Stages (each writes its folder under out/, with metrics.jsonl):
 #   sft.py -> out/sft                    SFT warm start (SPEC 1.3)
@@ -52,6 +53,9 @@ step "3/5 plain PPO, GRM reward"
 python3 ppo_cpe.py --sft out/sft --reward grm --grm out/grm --no-edit --max-steps "$PPO_STEPS" ${PPO_ARGS:-} --out out/ppo_grm
 step "3/5 plain PPO, BT reward"
 python3 ppo_cpe.py --sft out/sft --reward bt --bt out/bt --no-edit --max-steps "$PPO_STEPS" ${PPO_ARGS:-} --out out/ppo_bt
+# A finished PPO run's resume state (actor + critic + both AdamW states, 3.6 GB each here) only
+# serves to continue after a crash; the trained policy is in out/ppo_*/actor. KEEP_PPO_CKPT=1 keeps it.
+[ -n "${KEEP_PPO_CKPT:-}" ] || rm -rf out/ppo_cpe/ckpt_* out/ppo_grm/ckpt_* out/ppo_bt/ckpt_*
 
 step "4/5 evaluation"
 for pair in base:smollm2-135m-instruct sft:out/sft ppo_cpe:out/ppo_cpe/actor ppo_grm:out/ppo_grm/actor ppo_bt:out/ppo_bt/actor; do

@@ -118,7 +118,7 @@ def get_args(argv=None):
     p.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="GRM: a step's documents come from neighbouring prompts (same persona and "
                         "question) and their shared prompt tokens are computed once (exact; "
-                        "common.share_prefixes): about 3x fewer tokens on the persona world")
+                        "common.share_prefixes): about half the tokens on the persona world")
     p.add_argument("--micro-pairs", type=int, default=2,
                    help="BT: pairs per forward/backward pass (gradients accumulate over the step)")
     p.add_argument("--eval-every", type=int, default=0, help="GRM: eval loss every N steps (0 = at the end)")

@@ -46,9 +46,10 @@ FALLBACK_PROMPTS = [  # used only when data/persona_world/prompts.jsonl is missi
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
-    p.add_argument("--samples", type=int, default=1, help="rollouts per prompt (TRL: prompts repeated; at 2, "
-                   "TRL's iteration outgrew 24 GiB of RAM on the 2-core machine and was OOM-killed)")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per iteration")
+    p.add_argument("--samples", type=int, default=2, help="rollouts per prompt, as ppo_cpe's default (TRL: prompts "
+                   "repeated; at 4 prompts x 2 samples TRL outgrew 24 GiB of RAM on the 2-core machine and was "
+                   "OOM-killed)")
     p.add_argument("--response-length", type=int, default=64, help="response cap (tokens)")
     p.add_argument("--micro-batch", type=int, default=2, help="our sequences per forward/backward (memory; "
                    "the optimizer step still covers the whole batch, like TRL's single minibatch)")
