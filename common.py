@@ -761,7 +761,7 @@ def pack_shared_prompts(seqs, starts, device="cpu"):
         pred.extend(range(base, base + len(seq) - st - 1))
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return (as_long([ids]), torch.tensor(cu, dtype=torch.int32, device=device),
-            parents if len(parents) != len(seqs) or any(q >= 0 for q in parents) else None,
+            parents if any(q >= 0 for q in parents) else None,
             as_long(pred), as_long(targets), sizes)
 
 
@@ -942,8 +942,9 @@ def grm_expected_scores(model, tokenizer, prompt_ids, reply_ids, watched=None):
     """Probability-weighted GRM scores of a reply the GRM already wrote (the G-Eval idea): each
     dimension's value is the expectation of the score under the GRM's own next-token distribution
     at the place it wrote that score, instead of the sampled digit. Ties between two answers that
-    both got "Personalization: 1" are then broken by how sure the GRM was. One teacher-forced
-    forward of prompt + reply. The sign branch the reply did not take counts at its value nearest
+    both got "Personalization: 1" are then broken by how sure the GRM was. The distributions come
+    from `watched` (recorded by generate while the GRM wrote the reply) or else from one
+    teacher-forced forward of prompt + reply. The sign branch the reply did not take counts at its value nearest
     to zero (0 or -1), the one it took at its expected digit. None when the reply has no parseable
     <scores> block (a parse failure, as in parse_grm_scores). watched: generate's watched
     probabilities of grm_watch_ids for this reply (then no forward pass; model may be None)."""
@@ -1672,22 +1673,19 @@ def share_prefixes(docs, min_shared=16):
     (similar prompts are adjacent); a document joins the open group when that lowers the total
     token count, else it opens a new group. A group of one has shared_len 0.
     """
-    def first_trained(i):
-        mask = docs[i][1]
-        return next((j for j, m in enumerate(mask) if m), len(mask))
-
-    groups = []
+    first_trained = [next((j for j, m in enumerate(mask) if m), len(mask)) for _, mask in docs]
+    groups, limit = [], 0  # limit: the open group's earliest first trained position
     for i in sorted(range(len(docs)), key=lambda i: docs[i][0]):
         if groups:
             shared, members = groups[-1]
-            root = docs[members[0]][0]
-            limit = min(first_trained(j) for j in members + [i]) - 1
-            new_shared = min(_common_prefix_len(root, docs[i][0]), limit)
-            old_cost = shared * (len(members) - 1) if len(members) > 1 else 0  # tokens saved now
-            if new_shared >= min_shared and new_shared * len(members) > old_cost:
-                groups[-1] = (new_shared, members + [i])
+            new_limit = min(limit, first_trained[i])
+            new_shared = min(_common_prefix_len(docs[members[0]][0], docs[i][0]), new_limit - 1)
+            # join when the tokens saved (shared once for each member after the first) grow
+            if new_shared >= min_shared and new_shared * len(members) > shared * (len(members) - 1):
+                groups[-1], limit = (new_shared, members + [i]), new_limit
                 continue
         groups.append((0, [i]))
+        limit = first_trained[i]
     return [(shared if len(members) > 1 else 0, members) for shared, members in groups]
 
 
@@ -1867,19 +1865,16 @@ def _sft_microbatches(docs, step_docs, token_budget, share_prefix):
         lengths = [len(docs[i][0]) for i in step_docs]
         mbs = [[step_docs[i] for i in mb] for mb in pack_documents(lengths, token_budget)]
         return sorted(mbs, key=lambda mb: -sum(len(docs[i][0]) for i in mb))
-    mbs, current = [], []
+    sized, current, size = [], [], 0  # (tokens, micro-batch)
     for i in sorted(step_docs, key=lambda i: docs[i][0]):
         trial = [docs[j] for j in current + [i]]
-        if current and shared_tokens(trial, share_prefixes(trial)) > token_budget:
-            mbs.append(current)
-            current = []
-        current.append(i)
-    mbs.append(current)
-
-    def size(mb):
-        d = [docs[i] for i in mb]
-        return shared_tokens(d, share_prefixes(d))
-    return sorted(mbs, key=lambda mb: -size(mb))
+        trial_size = shared_tokens(trial, share_prefixes(trial))
+        if current and trial_size > token_budget:
+            sized.append((size, current))
+            current, trial_size = [], len(docs[i][0])
+        current, size = current + [i], trial_size
+    sized.append((size, current))
+    return [mb for _, mb in sorted(sized, key=lambda x: -x[0])]
 
 
 def _sft_fingerprint(docs):
@@ -1941,8 +1936,7 @@ def sft_train(model, tokenizer, train_docs, eval_docs, args, out_dir, env):
     torch.manual_seed(args.seed)
     model.train()
     model = wrap_model(model, "fsdp" if opt("fsdp", False) else ("ddp" if W > 1 else "none"), env)
-    optimizer = adamw(_sft_param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    optimizer = adamw(_sft_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     autocast = _sft_autocast(env, opt("bf16", "auto"))
 
     start_step = 0
@@ -1957,7 +1951,6 @@ def sft_train(model, tokenizer, train_docs, eval_docs, args, out_dir, env):
         print0(f"--resume: no checkpoint in {out_dir}, starting from scratch")
 
     logger = MetricsLogger(out_dir / "metrics.jsonl")
-    lengths = [len(d[0]) for d in train_docs]
     epoch_steps = {}
     last_loss, eval_loss = float("nan"), float("nan")
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train {Path(out_dir).name}",

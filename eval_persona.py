@@ -563,9 +563,9 @@ class GRMScorer:
         stop = common.stop_token_ids(self.tokenizer)
         out = [None] * len(items)
         order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
+        watch = common.grm_watch_ids(self.tokenizer) if self.score == "expected" else None
         for k in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", dynamic_ncols=True):
             batch = order[k:k + self.batch_size]
-            watch = common.grm_watch_ids(self.tokenizer) if self.score == "expected" else None
             gen = common.generate(self.model, [prompts[i] for i in batch], self.max_new_tokens,
                                   temperature=0.0, stop_ids=stop, watch_ids=watch)
             for j, i in enumerate(batch):

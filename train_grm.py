@@ -370,13 +370,13 @@ def grm_pairwise_eval(model, tokenizer, pairs, env, max_new_tokens, batch_size):
     items = [(pr, side) for pr in mine for side in ("chosen", "reject")]
     prompts = [chat_prompt_ids(tokenizer, grm_messages(pr["persona"], pr["question"], pr[side]))
                for pr, side in items]
-    stops = stop_token_ids(tokenizer)
+    stops, watch = stop_token_ids(tokenizer), grm_watch_ids(tokenizer)
     texts, reply_ids, watched = [], [], []
     model.eval()
     with torch.no_grad(), unsharded(model):
         for i in tqdm(range(0, len(prompts), batch_size), desc="grm eval", disable=not is_rank0()):
             gen = generate(unwrap(model), prompts[i:i + batch_size], max_new_tokens, temperature=0.0,
-                           stop_ids=stops, watch_ids=grm_watch_ids(tokenizer))
+                           stop_ids=stops, watch_ids=watch)
             texts += [tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
             reply_ids += gen.tokens
             watched += gen.watched
