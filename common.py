@@ -668,6 +668,19 @@ class CpuDecoder:
 Generation = namedtuple("Generation", "tokens logprobs stopped watched", defaults=(None,))
 
 
+def sample_categorical(probs, generator):
+    """One index per row of non-negative, unnormalised probs [B, V]: the first index whose running
+    sum exceeds a uniform draw times the row's total. One uniform per row, where torch.multinomial
+    draws V exponentials (4.4 ms a step for 4 rows of SmolLM2's 49k tokens, a tenth of a CPU decode
+    step). Sums in float64; the draw stays below the total, so a zero-probability index is never
+    returned (its running sum equals its predecessor's, which would be found first)."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
+
+
 def sample_next(logits, temperature, top_p, top_k, generator):
     """Pick one token per row from fp32 logits [B, V]; return (tokens, log-probs under the
     distribution actually sampled from: temperature-scaled, top-k/top-p truncated, renormalised)."""
@@ -691,7 +704,7 @@ def sample_next(logits, temperature, top_p, top_k, generator):
                 continue
             keep = (torch.cumsum(probs, -1) - probs) < top_p  # the mass before a token is below top_p
             kept = probs * keep
-            pick = torch.multinomial(kept, 1, generator=generator)
+            pick = sample_categorical(kept, generator)[:, None]
             tok = order.gather(-1, pick)[:, 0]
             return tok, torch.log(kept.gather(-1, pick)[:, 0] / kept.sum(-1))
     if top_k and top_k < V:
@@ -703,7 +716,7 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
         logits = logits.masked_fill(~keep, float("-inf"))
     logp = torch.log_softmax(logits, -1)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    tok = sample_categorical(logp.exp(), generator)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import common
@@ -117,6 +118,11 @@ def get_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=2, help="sequences per forward/backward (memory: ~1 GB "
                    "of activations per 600-token sequence for the 135M default in fp32)")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each step's batch (paper 1)")
+    p.add_argument("--fused-update", action=argparse.BooleanOptionalAction, default=True,
+                   help="when a PPO step makes a single optimizer step (--ppo-epochs 1 and the whole batch in "
+                   "one minibatch), the update's own forward passes give the old log-probs and values (the "
+                   "weights have not moved since the rollouts): one actor and one critic forward fewer per "
+                   "step, at the cost of holding the whole batch's activations until the backward")
     p.add_argument("--actor-lr", type=float, default=5e-5,
                    help="constant actor lr (paper 1e-6 for 7B; 5e-5 lets the 4-step CPU default learn, README)")
     p.add_argument("--critic-lr", type=float, default=5e-5, help="constant critic lr (paper 1e-5)")
@@ -526,20 +532,25 @@ def collect_batch(args, step, env, actor, tok, rm, items, counts, timer):
     return samples, edit_log
 
 
-def prepare_advantages(args, env, actor, critic, ref, samples):
-    """Old log-probs, values, rewards, GAE and whitened advantages for the whole batch (padded)."""
+def prepare_advantages(args, env, actor, critic, ref, samples, fused=None):
+    """Old log-probs, values, rewards, GAE and whitened advantages for the whole batch (padded).
+    fused: fused_forwards' outputs, which hold the old log-probs and values already."""
     seqs = [s["prompt_ids"] + s["response"] for s in samples]
     starts = [len(s["prompt_ids"]) for s in samples]
     old, vals, refs = [None] * len(seqs), [None] * len(seqs), [None] * len(seqs)
+    for micro, lps, _, vs in fused or []:
+        for i, lp, v in zip(micro, lps, vs):
+            old[i], vals[i] = lp.detach(), v.detach()
     by_prompt = sorted(range(len(seqs)), key=lambda i: seqs[i][:starts[i]])  # a prompt's samples together
     with torch.no_grad(), autocast(args, env.device):
         for chunk in chunked(by_prompt, args.micro_batch_size * 2):
             cs, cst = [seqs[i] for i in chunk], [starts[i] for i in chunk]
-            # log pi_old under the ORIGINAL prompt for every sample (edits included: KL and diagnostics)
-            for i, lp in zip(chunk, response_logprobs(actor, cs, cst, args.temperature)[0]):
-                old[i] = lp
-            for i, v in zip(chunk, response_values(critic, cs, cst)):
-                vals[i] = v
+            if fused is None:
+                # log pi_old under the ORIGINAL prompt for every sample (edits included: KL, diagnostics)
+                for i, lp in zip(chunk, response_logprobs(actor, cs, cst, args.temperature)[0]):
+                    old[i] = lp
+                for i, v in zip(chunk, response_values(critic, cs, cst)):
+                    vals[i] = v
             if ref is not None:
                 for i, lp in zip(chunk, response_logprobs(ref, cs, cst, args.temperature)[0]):
                     refs[i] = lp
@@ -561,13 +572,47 @@ def prepare_advantages(args, env, actor, critic, ref, samples):
     return dict(batch, seqs=seqs, starts=starts)
 
 
-def microbatch_losses(args, actor, critic, b, micro):
-    """Per-token losses of one micro-batch (rows `micro` of the padded batch b), SPEC 1.2 step 7.
-    Every row is scored under its ORIGINAL prompt: originals get the PPO clipped surrogate against
-    pi_old, edits the off-policy term against the stored pi_e(y_e | x_edit)."""
-    seqs, starts = [b["seqs"][i] for i in micro], [b["starts"][i] for i in micro]
+def micro_forward(args, actor, critic, seqs, starts):
+    """The update's forward passes of one micro-batch: actor log-probs and entropies, critic values."""
     lp, ent = response_logprobs(actor, seqs, starts, args.temperature, with_entropy=True,
                                 entropy_grad=args.entropy_coef > 0)
+    return lp, ent, (response_values(critic, seqs, starts) if critic is not None else None)
+
+
+def fused_forwards(args, env, actor, critic, samples):
+    """--fused-update: when this PPO step makes exactly one optimizer step, run the update's forward
+    passes (with gradients) of every micro-batch now, before the advantages. Actor and critic have
+    not moved since the rollouts, so the detached outputs are pi_old and V_old (the ratio is exactly
+    1 at the step, as PPO's first minibatch has it up to rounding): prepare_advantages and
+    ppo_update take them instead of a second forward (GRPO implementations do the same with one
+    iteration per batch). Returns [(micro, log-probs, entropies, values)], or None where the step
+    makes several optimizer steps."""
+    mb = max(1, args.minibatch_size // env.world_size)
+    # FSDP2 frees the gathered weights after each forward and cannot run the backward of an
+    # earlier forward after a later one: there, only a batch that fits one micro-batch per rank
+    fsdp = any(isinstance(m, FSDPModule) for m in actor.modules())
+    limit = min(mb, args.micro_batch_size) if fsdp else mb
+    too_big = all_reduce_sum(torch.tensor([float(len(samples) > limit)]))  # on any rank
+    if not args.fused_update or args.ppo_epochs != 1 or float(too_big) > 0:
+        return None
+    seqs = [s["prompt_ids"] + s["response"] for s in samples]
+    starts = [len(s["prompt_ids"]) for s in samples]
+    by_prompt = sorted(range(len(seqs)), key=lambda i: seqs[i][:starts[i]])  # a prompt's samples together
+    out = []
+    with autocast(args, env.device):
+        for micro in chunked(by_prompt, args.micro_batch_size):
+            out.append((micro, *micro_forward(args, actor, critic, [seqs[i] for i in micro],
+                                              [starts[i] for i in micro])))
+    return out
+
+
+def microbatch_losses(args, actor, critic, b, micro, forward=None):
+    """Per-token losses of one micro-batch (rows `micro` of the padded batch b), SPEC 1.2 step 7.
+    Every row is scored under its ORIGINAL prompt: originals get the PPO clipped surrogate against
+    pi_old, edits the off-policy term against the stored pi_e(y_e | x_edit). `forward`: this
+    micro-batch's micro_forward outputs when fused_forwards already ran them."""
+    seqs, starts = [b["seqs"][i] for i in micro], [b["starts"][i] for i in micro]
+    lp, ent, vals = forward if forward is not None else micro_forward(args, actor, critic, seqs, starts)
     logp, _ = pad_right(lp)
     L = logp.shape[1]
     m, adv = b["mask"][micro, :L], b["advantages"][micro, :L]
@@ -582,15 +627,16 @@ def microbatch_losses(args, actor, critic, b, micro):
         d = b["ref_logp"][micro, :L] - logp
         out["kl"] = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
     if critic is not None:
-        v, _ = pad_right(response_values(critic, seqs, starts))
+        v, _ = pad_right(vals)
         out["vf"], out["vf_clipped"] = value_clip_loss(v, b["values"][micro, :L], b["returns"][micro, :L],
                                                        args.value_clip)
     return out
 
 
-def ppo_update(args, step, env, actor, critic, opt_a, opt_c, b):
+def ppo_update(args, step, env, actor, critic, opt_a, opt_c, b, fused=None):
     """Step 7 of SPEC 1.2: PPO epochs over shuffled minibatches, one optimizer step each for actor
-    and critic; losses are token-means over the whole minibatch (all micro-batches, all ranks)."""
+    and critic; losses are token-means over the whole minibatch (all micro-batches, all ranks).
+    fused: fused_forwards' outputs (one minibatch), used instead of running the forwards again."""
     N = len(b["seqs"])
     mb = max(1, args.minibatch_size // env.world_size)
     g = torch.Generator().manual_seed(args.seed * 7919 + step)
@@ -608,9 +654,10 @@ def ppo_update(args, step, env, actor, critic, opt_a, opt_c, b):
             opt_c.zero_grad(set_to_none=True)
             # micro-batches by prompt, so that a prompt's samples share one copy of it (same math)
             by_prompt = sorted(idx, key=lambda i: b["seqs"][i][:b["starts"][i]])
-            for micro in chunked(by_prompt, args.micro_batch_size):
+            micros = chunked(by_prompt, args.micro_batch_size) if fused is None else [f[0] for f in fused]
+            for j, micro in enumerate(micros):
                 with autocast(args, env.device):
-                    o = microbatch_losses(args, actor, critic, b, micro)
+                    o = microbatch_losses(args, actor, critic, b, micro, None if fused is None else fused[j][1:])
                 m = o["mask"]
                 actor_loss = (o["pg"] * m).sum() * scale
                 if args.entropy_coef:
@@ -774,8 +821,10 @@ def main(argv=None):
         counts = {"parse_fail": 0, "endpoint_fail": 0}
         samples, edit_log = collect_batch(args, step, env, actor, tok, rm, items, counts, timer)
         t = time.time()
-        b = prepare_advantages(args, env, actor, critic, ref, samples)
-        upd = ppo_update(args, step, env, actor, critic, opt_a, opt_c, b)
+        fused = fused_forwards(args, env, actor, critic, samples)
+        b = prepare_advantages(args, env, actor, critic, ref, samples, fused)
+        upd = ppo_update(args, step, env, actor, critic, opt_a, opt_c, b, fused)
+        del fused
         timer["train"] = time.time() - t
         row = {"step": step + 1, **step_metrics(samples, b, edit_log, counts, env), **upd,
                **{f"time_{k}": round(v, 2) for k, v in timer.items()}, "time_step": round(time.time() - t0, 2)}

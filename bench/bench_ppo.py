@@ -53,6 +53,9 @@ def get_args():
     p.add_argument("--response-length", type=int, default=64, help="response cap (tokens)")
     p.add_argument("--micro-batch", type=int, default=2, help="our sequences per forward/backward (memory; "
                    "the optimizer step still covers the whole batch, like TRL's single minibatch)")
+    p.add_argument("--fused-update", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours: the update's forwards give the old log-probs and values (ppo_cpe's default "
+                   "with one optimizer step per iteration); --no-fused-update runs them separately")
     p.add_argument("--iters", type=int, default=2, help="iterations per side; all but the first are timed")
     p.add_argument("--prompt-file", default=str(ROOT / "data/persona_world/prompts.jsonl"))
     p.add_argument("--trl-python", default=None, help="interpreter with trl==1.12.0 (default: this one "
@@ -98,8 +101,9 @@ def bench_cpe(a):
     t0 = time.time()
     samples, _ = ppo_cpe.collect_batch(args, 0, env, actor, tok, rm, items, counts, timer)
     t = time.time()
-    b = ppo_cpe.prepare_advantages(args, env, actor, critic, None, samples)
-    ppo_cpe.ppo_update(args, 0, env, actor, critic, opt_a, opt_c, b)
+    fused = ppo_cpe.fused_forwards(args, env, actor, critic, samples)
+    b = ppo_cpe.prepare_advantages(args, env, actor, critic, None, samples, fused)
+    ppo_cpe.ppo_update(args, 0, env, actor, critic, opt_a, opt_c, b, fused)
     timer["train"] = time.time() - t
     total = time.time() - t0
     n_tok = sum(len(s["response"]) for s in samples)
@@ -120,6 +124,7 @@ def bench_ours(a, rows):
     import ppo_cpe
     env = common.dist_init()
     args = ppo_cpe.get_args(["--sft", common.DEFAULT_MODEL, "--reward", "bt", "--no-edit",
+                             "--fused-update" if a.fused_update else "--no-fused-update",
                              "--samples", str(a.samples), "--max-new-tokens", str(a.response_length),
                              "--top-p", "1.0", "--kl-coef", "0.05", "--kl-in", "reward",
                              "--minibatch-size", str(a.prompts * a.samples),
@@ -147,11 +152,19 @@ def bench_ours(a, rows):
                                            torch.tensor(gen.stopped), args.eos_penalty)
         samples = [dict(prompt_ids=x[2], response=y, reward=float(r), is_edit=False, edit_logp=None)
                    for x, y, r in zip(rollouts, gen.tokens, scores)]
-        b = ppo_cpe.prepare_advantages(args, env, actor, critic, ref, samples)
         split["score"] = time.time() - t
         t = time.time()
-        ppo_cpe.ppo_update(args, it, env, actor, critic, opt_a, opt_c, b)
+        # one optimizer step per iteration: the update's forwards give pi_old and V_old
+        # (ppo_cpe --fused-update; --no-fused-update runs them separately, as TRL does)
+        fused = ppo_cpe.fused_forwards(args, env, actor, critic, samples)
         split["update"] = time.time() - t
+        t = time.time()
+        b = ppo_cpe.prepare_advantages(args, env, actor, critic, ref, samples, fused)
+        split["score"] += time.time() - t
+        t = time.time()
+        ppo_cpe.ppo_update(args, it, env, actor, critic, opt_a, opt_c, b, fused)
+        split["update"] += time.time() - t
+        del fused
         times.append((time.time() - t0, split))
         cpu.append(time.process_time() - c0)
         lengths.append(sum(len(x) for x in gen.tokens) / len(gen.tokens))

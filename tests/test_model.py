@@ -254,3 +254,29 @@ def test_top_p_fast_path_equals_full_sort():
             tok, lp = common.sample_next(logits, 1.0, top_p, 0, gen)
             ref = torch.log(torch.softmax(logits, -1)[torch.arange(4), tok] / mass)
             assert torch.allclose(lp, ref, atol=1e-5)
+
+
+def test_sample_categorical_against_a_slow_walk_and_frequencies():
+    """Inverse-CDF sampling: the index a slow running-sum walk finds for the same uniform draw, the
+    right frequencies, and never an index of probability zero (even at the edges of the row)."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0],
+                          [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.1, 0.2, 0.3, 0.0, 0.4, 0.0]])
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.zeros_like(probs)
+    for _ in range(4000):
+        replay = torch.Generator().manual_seed(0)
+        replay.set_state(gen.get_state())
+        picked = common.sample_categorical(probs, gen)
+        u = torch.rand(len(probs), 1, generator=replay, dtype=torch.float64)[:, 0]
+        for row, (p, i) in enumerate(zip(probs.double(), picked.tolist())):
+            target, running, walk = u[row] * p.sum(), 0.0, None
+            for j, pj in enumerate(p.tolist()):
+                running += pj
+                if running > target:
+                    walk = j
+                    break
+            assert i == walk
+        counts[torch.arange(len(probs)), picked] += 1
+    assert (counts[probs == 0] == 0).all()
+    freq = counts / counts.sum(-1, keepdim=True)
+    assert (freq - probs / probs.sum(-1, keepdim=True)).abs().max() < 0.03

@@ -4,6 +4,9 @@ end-to-end iterations on a tiny random model (deterministic under a seed; resume
 identically). CPU, well under 2 minutes."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -219,6 +222,48 @@ def test_temperature_scaled_logprobs_equal_engine_sampling_logprobs(tok):
         assert (ent[i] > 0).all()
 
 
+def test_fused_update_equals_separate_old_forwards(tok):
+    """--fused-update (one optimizer step per PPO step): the update's forwards double as pi_old and
+    V_old. The step it takes equals the unfused one's (separate no-grad forwards, then the update),
+    edits, reference KL in the reward and the critic included; the ratio is exactly 1."""
+    prompts = [tok("hello there, how are you")["input_ids"], tok("a b c")["input_ids"]]
+    sampler = tiny_model(0)
+    gen = common.generate(sampler, [p for p in prompts for _ in range(3)], 8, temperature=1.0, seed=2)
+    samples = [dict(prompt_ids=prompts[i // 3], response=y, reward=float(i % 4) - 1.5, is_edit=i in (2, 4),
+                    edit_logp=torch.randn(len(y)) - 2 if i in (2, 4) else None)
+               for i, y in enumerate(gen.tokens)]
+    env = common.dist_init()
+    args = ppo_cpe.get_args(["--minibatch-size", "6", "--micro-batch-size", "2", "--kl-coef", "0.1"])
+    results = []
+    for fuse in (True, False):
+        actor, critic, ref = tiny_model(0), tiny_model(1, value_head=True), tiny_model(0)
+        with torch.no_grad():
+            critic.value_head.weight.normal_(0, 0.5)
+        actor.train(), critic.train()
+        opt_a = torch.optim.SGD(actor.parameters(), lr=1.0)  # the weight change is minus the (clipped) gradient
+        opt_c = torch.optim.SGD(critic.parameters(), lr=1.0)
+        args.fused_update = fuse
+        fused = ppo_cpe.fused_forwards(args, env, actor, critic, samples)
+        assert (fused is not None) == fuse
+        b = ppo_cpe.prepare_advantages(args, env, actor, critic, ref, samples, fused)
+        stats = ppo_cpe.ppo_update(args, 0, env, actor, critic, opt_a, opt_c, b, fused)
+        results.append((b, stats, actor.state_dict(), critic.state_dict()))
+    (b1, s1, a1, c1), (b0, s0, a0, c0) = results
+    for k in ("old_logp", "values", "advantages", "returns"):
+        assert torch.allclose(b1[k], b0[k], atol=1e-5), k
+    assert s1["ratio_mean"] == 1.0 and s1["clipfrac"] == 0.0 and s1["approx_kl"] == 0.0
+    assert s0["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    for k in ("pg_loss", "vf_loss", "edit_ratio_mean", "grad_norm"):
+        assert s1[k] == pytest.approx(s0[k], rel=1e-4, abs=1e-6), k
+    for w1, w0 in ((a1, a0), (c1, c0)):
+        assert all(torch.allclose(w1[k], w0[k], atol=1e-6) for k in w1)
+    moved = tiny_model(0).state_dict()
+    assert any((a1[k] - moved[k]).abs().max() > 1e-4 for k in a1)  # it did take a step
+    args.minibatch_size = 3  # two optimizer steps per PPO step: nothing to fuse
+    args.fused_update = True
+    assert ppo_cpe.fused_forwards(args, env, actor, critic, samples) is None
+
+
 def test_shared_prompt_packing_equals_whole_sequences():
     """response_logprobs / response_values store a prompt shared by several samples once
     (common.pack_shared_prompts); log-probs, entropies, values and gradients equal those of every
@@ -350,8 +395,11 @@ def test_eos_trick_in_scoring():
 def tiny_run_inputs(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("ppo")
     model = tiny_model(0)
-    with torch.no_grad():  # make the end-of-turn tokens likely, so some rollouts stop and get scored
-        model.model.embed_tokens.weight[common.stop_token_ids(tok)] *= 8
+    # make the end-of-turn token likely (~0.4 after these prompts; its logit is the hidden state's
+    # dot product with its tied embedding row, negative here: hence the sign), so that some
+    # rollouts stop and get scored and some hit the cap
+    with torch.no_grad():
+        model.model.embed_tokens.weight[common.stop_token_ids(tok)] *= -7
     common.save_model(model, tok, root / "sft")
     personas = [{"Name": "Ana", "Demographics": {"Age": 31, "Career_Information": "nurse"}},
                 {"Name": "Bo", "Preference": {"Content_Interests": "chess"}}]
@@ -423,3 +471,31 @@ def test_missing_inputs_name_the_command(tmp_path):
         ppo_cpe.main(["--sft", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="python train_grm.py"):
         ppo_cpe.main(["--sft", common.DEFAULT_MODEL, "--grm", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+
+
+def test_torchrun_fsdp2_fused_update_equals_separate_forwards(tiny_run_inputs, tmp_path):
+    """2 processes (gloo, FSDP2), one optimizer step per PPO step: the fused update (each rank's
+    batch in one micro-batch) takes the step the separate forwards take; with several micro-batches
+    per rank it falls back to them (FSDP2 cannot run a backward after a later forward)."""
+    root = tiny_run_inputs
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "ppo_cpe.py", "--sft", str(root / "sft"), "--prompts", str(root / "prompts.jsonl"),
+                "--reward", "rubric", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6",
+                "--minibatch-size", "6", "--actor-lr", "1e-3", "--critic-lr", "1e-3", "--max-steps", "2",
+                "--log-samples", "0"]
+    runs = {}
+    for name, extra in (("fused", ["--micro-batch-size", "3"]),
+                        ("separate", ["--micro-batch-size", "3", "--no-fused-update"]),
+                        ("fallback", ["--micro-batch-size", "1"])):
+        r = subprocess.run(torchrun + ["--out", str(tmp_path / name), *extra], capture_output=True, text=True,
+                           timeout=300, cwd=os.path.dirname(ppo_cpe.__file__),
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    assert [r["ratio_mean"] for r in runs["fused"]] == [1.0, 1.0]  # pi_old is the update's own forward
+    for a, b in zip(runs["fused"], runs["separate"]):
+        assert a["pg_loss"] == pytest.approx(b["pg_loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wf, ws = actor_weights(tmp_path / "fused"), actor_weights(tmp_path / "separate")
+    assert all(torch.allclose(wf[k], ws[k], atol=1e-5) for k in wf)
+    assert runs["fallback"][0]["pg_loss"] == pytest.approx(runs["separate"][0]["pg_loss"], rel=1e-4)
