@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import common
@@ -136,13 +137,18 @@ def get_args(argv=None):
                         "CPUs), auto (CUDA with bf16 support only), off")
     p.add_argument("--seed", type=int, default=0, help="data order and sampling seed")
     # held-out pairwise accuracy
-    p.add_argument("--eval-pairs", type=int, default=24,
-                   help="held-out pairs scored at the end (0 = the whole eval split)")
+    p.add_argument("--eval-pairs", type=int, default=0,
+                   help="held-out pairs scored at the end (0 = the whole eval split: 65 pairs in the "
+                        "persona world; fewer pairs cannot tell a weak GRM from a coin, README)")
     p.add_argument("--eval-max-new-tokens", type=int, default=224,
                    help="GRM: reply length cap at evaluation (a reply cut before its scores is a "
                         "parse failure)")
-    p.add_argument("--eval-batch", type=int, default=24,
-                   help="GRM replies generated together (24: the default 24 pairs in two batches)")
+    p.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="GRM weights while writing the held-out replies (after the fp32 model is saved): "
+                        "bf16 about halves the evaluation time on CPU (121 s against 216 s for 65 pairs) "
+                        "for about the same accuracy (66.2%% against 67.7%%, README); FSDP2 keeps its dtype")
+    p.add_argument("--eval-batch", type=int, default=48,
+                   help="GRM replies generated together (the 130 replies of 65 pairs in three batches)")
     args = p.parse_args(argv)
     if args.token_budget < args.max_len:
         p.error(f"--token-budget {args.token_budget} must be at least --max-len {args.max_len}")
@@ -471,6 +477,8 @@ def run_grm(args, env):
     train_seconds = time.time() - t0
     if heldout:
         t0 = time.time()
+        if args.eval_dtype == "bfloat16" and not any(isinstance(m, FSDPModule) for m in model.modules()):
+            model = unwrap(model).to(torch.bfloat16)  # the fp32 weights are saved already
         metrics, per_pair = grm_pairwise_eval(model, tok, heldout, env, args.eval_max_new_tokens,
                                               args.eval_batch)
         metrics.update(train_seconds=round(train_seconds, 1), eval_seconds=round(time.time() - t0, 1),

@@ -357,6 +357,9 @@ def test_tiny_grm_training_lowers_loss_and_loads(tmp_path, tiny_model_dir):
     assert m["eval_pairs"] == 1 and 0.0 <= m["pairwise_acc"] <= 1.0 and 0.0 <= m["parse_fail_rate"] <= 1.0
     model, tok = common.load_model(str(out))
     assert isinstance(model, common.Transformer) and model.value_head is None
+    # the held-out replies were written in bf16 (--eval-dtype), after the fp32 weights were saved
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
 
 
 def test_tiny_bt_training_lowers_loss_loads_and_resumes(tmp_path, tiny_model_dir):
