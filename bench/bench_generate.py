@@ -25,7 +25,8 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2 on CPU, random Qwen2.5-0.5B config on CUDA)")
 parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per row")
 parser.add_argument("--batch", type=int, default=16, help="batch size of the sampling setting")
-parser.add_argument("--repeats", type=int, default=2, help="timed repetitions (best is kept)")
+parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, the two sides "
+                    "alternating (best is kept): a shared machine's drift hits both alike")
 args = parser.parse_args()
 
 device = torch.device(args.device)
@@ -59,16 +60,24 @@ def sync():
         torch.cuda.synchronize()
 
 
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
 def best_time(fn):
     fn()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timed(fn) for _ in range(args.repeats))
+
+
+def best_times_alternating(fn_a, fn_b):
+    """Best of --repeats runs of each, a and b taking turns (after one warm-up each)."""
+    fn_a(), fn_b()
+    runs = [(timed(fn_a), timed(fn_b)) for _ in range(args.repeats)]
+    return min(a for a, _ in runs), min(b for _, b in runs)
 
 
 def ours_run(batch, sample):
@@ -103,8 +112,7 @@ results = {}
 batch1 = [prompts[2]]
 batchN = [prompts[i % len(prompts)] for i in range(args.batch)]
 for name, batch, sample in (("greedy b1", batch1, False), (f"sample b{args.batch}", batchN, True)):
-    t_ours = best_time(lambda: ours_run(batch, sample))
-    t_hf = best_time(lambda: hf_run(batch, sample))
+    t_ours, t_hf = best_times_alternating(lambda: ours_run(batch, sample), lambda: hf_run(batch, sample))
     n = len(batch) * args.new_tokens
     results[name] = (n / t_ours, n / t_hf)
 
