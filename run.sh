@@ -30,7 +30,7 @@ if [ "${PROFILE:-cpu}" = gpu ]; then  # sizes for one GPU (minutes on an H100), 
 fi
 # 2 CPU cores: sized to stay well under 30 minutes on a shared machine (fresh-clone times: README)
 PPO_STEPS=${PPO_STEPS:-2}
-: "${GRM_ARGS=--max-train 224 --eval-pairs 12 --freeze-layers 18}"  # half the rows, top 12 blocks: fast, weak (README)
+: "${GRM_ARGS=--max-train 224 --eval-pairs 12 --freeze-layers 18 --eval-dtype bfloat16}"  # half the rows, top 12 blocks: fast, weak (README)
 : "${BT_ARGS=--max-train 64}"
 : "${PPO_ARGS=--prompts-per-step 2}"
 : "${EVAL_ARGS=--limit 12}"

@@ -349,7 +349,7 @@ def test_tiny_grm_training_lowers_loss_and_loads(tmp_path, tiny_model_dir):
     train_grm.main(["--model", str(tiny_model_dir), "--pairs", str(pairs_file), "--grm-data", str(grm_file),
                     "--out", str(out), "--max-train", "0", "--epochs", "4", "--global-batch", "2",
                     "--lr", "3e-3", "--warmup-ratio", "0", "--freeze-layers", "0", "--eval-pairs", "1",
-                    "--eval-max-new-tokens", "4"])
+                    "--eval-max-new-tokens", "4", "--eval-dtype", "bfloat16"])
     log = [r for r in read_lines(out / "metrics.jsonl") if "loss" in r and "step" in r]
     assert len(log) == 8
     assert log[-1]["loss"] + log[-2]["loss"] < 0.7 * (log[0]["loss"] + log[1]["loss"])
