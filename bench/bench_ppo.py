@@ -11,7 +11,8 @@ through TRL's PPOTrainer (trl==1.12.0, trl.experimental.ppo), in this one run: t
 top-p 1.0 (TRL samples without nucleus truncation), KL coefficient 0.05 in the reward (TRL always
 runs its reference model), 1 PPO epoch, 1 minibatch holding the whole batch. Both stop at EOS.
 Our side scores every response with the scalar reward model, as TRL does. Iterations after the
-first are timed (the first pays for warm-up); the ratio is printed last.
+first are timed (the first pays for warm-up); our side runs again after TRL's and the two blocks
+are averaged (--bracket), so a drifting machine favours neither side; the ratio is printed last.
 
 TRL lives in its own environment so it cannot change this one's torch / transformers:
     python -m venv --system-site-packages /tmp/trlenv
@@ -56,6 +57,9 @@ def get_args():
     p.add_argument("--fused-update", action=argparse.BooleanOptionalAction, default=True,
                    help="ours: the update's forwards give the old log-probs and values (ppo_cpe's default "
                    "with one optimizer step per iteration); --no-fused-update runs them separately")
+    p.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
+                   help="run our side again after TRL and average both blocks, so that a machine that "
+                   "speeds up or slows down during the run favours neither side")
     p.add_argument("--iters", type=int, default=2, help="iterations per side; all but the first are timed")
     p.add_argument("--prompt-file", default=str(ROOT / "data/persona_world/prompts.jsonl"))
     p.add_argument("--trl-python", default=None, help="interpreter with trl==1.12.0 (default: this one "
@@ -256,6 +260,17 @@ def bench_trl(a, rows, python):
         return {**json.loads(Path(job["result"]).read_text()), "peak_rss_gb": peak_gb}
 
 
+def ours_block(a, rows, label):
+    """Our iterations, printed; returns the mean wall and CPU seconds of the timed ones."""
+    times, lengths, cpu = bench_ours(a, rows)
+    timed = times[1:] or times
+    for i, (t, split) in enumerate(times):
+        print(f"  {label} iteration {i + 1}: {t:6.1f} s  (" + ", ".join(f"{k} {v:.1f} s" for k, v in split.items())
+              + f"; mean response {lengths[i]:.0f} tokens; CPU time {cpu[i]:.1f} s)"
+              + ("  [warm-up]" if i == 0 and len(times) > 1 else ""))
+    return sum(t for t, _ in timed) / len(timed), sum(cpu[1:] or cpu) / len(cpu[1:] or cpu)
+
+
 def main():
     a = get_args()
     results = {}
@@ -264,14 +279,7 @@ def main():
     rows = load_prompt_rows(a.prompt_file, a.prompts)
     print(f"\npart 2: one plain PPO iteration, {a.prompts} prompts x {a.samples} samples, response cap "
           f"{a.response_length}, SmolLM2-135M fp32 for policy / critic / reference / reward")
-    times, lengths, cpu = bench_ours(a, rows)
-    timed = times[1:] or times
-    ours = sum(t for t, _ in timed) / len(timed)
-    ours_cpu = sum(cpu[1:] or cpu) / len(cpu[1:] or cpu)
-    for i, (t, split) in enumerate(times):
-        print(f"  ours  iteration {i + 1}: {t:6.1f} s  (" + ", ".join(f"{k} {v:.1f} s" for k, v in split.items())
-              + f"; mean response {lengths[i]:.0f} tokens; CPU time {cpu[i]:.1f} s)"
-              + ("  [warm-up]" if i == 0 and len(times) > 1 else ""))
+    ours, ours_cpu = ours_block(a, rows, "ours")
     results["ours_iteration_s"], results["ours_iteration_cpu_s"] = ours, ours_cpu
     results["ours_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  ours  peak RSS {results['ours_peak_rss_gb']:.1f} GiB (this process, part 1 included)")
@@ -290,6 +298,11 @@ def main():
                   + ("  [warm-up]" if i == 0 and len(trl["iter_s"]) > 1 else ""))
         tt, tc = trl["iter_s"][1:] or trl["iter_s"], trl["cpu_s"][1:] or trl["cpu_s"]
         results["trl_iteration_s"], results["trl_iteration_cpu_s"] = sum(tt) / len(tt), sum(tc) / len(tc)
+        if a.bracket:  # ours again after TRL: a machine drifting steadily over the run cancels out
+            after, after_cpu = ours_block(a, rows, "ours (after TRL)")
+            ours, ours_cpu = (ours + after) / 2, (ours_cpu + after_cpu) / 2
+            results["ours_after_trl_iteration_s"] = after
+            results["ours_iteration_s"], results["ours_iteration_cpu_s"] = ours, ours_cpu
         results["speedup_vs_trl"] = results["trl_iteration_s"] / ours
         results["speedup_vs_trl_cpu_time"] = results["trl_iteration_cpu_s"] / ours_cpu
     print("\n" + json.dumps({k: round(v, 3) for k, v in results.items()}))
