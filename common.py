@@ -327,12 +327,10 @@ def save_model(model, tokenizer, out_dir, state_dict=None, max_shard_bytes=4 << 
     never sees a config next to half-written weights). Plain, DDP or FSDP2 model; under torchrun
     every rank must call it (the FSDP2 gather is collective), rank 0 writes. `state_dict`: an
     already gathered full state dict (skips the gather)."""
-    from torch.distributed.fsdp import FSDPModule
     cfg = unwrap(model).config
     state = state_dict
     if state is None:
-        fsdp = any(isinstance(m, FSDPModule) for m in model.modules())
-        state = full_state_dict(model) if fsdp else unwrap(model).state_dict()
+        state = full_state_dict(model) if is_fsdp(model) else unwrap(model).state_dict()
     out_dir = Path(out_dir)
     if is_rank0():
         state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -1237,7 +1235,8 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
-def _is_fsdp(model):
+def is_fsdp(model):
+    """Whether FSDP2 (fully_shard) wraps the model or any of its submodules."""
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())
@@ -1250,7 +1249,7 @@ def full_state_dict(model, rank0_only=True):
     FSDP2: collective, so EVERY rank must call it; with rank0_only=True (the default, cheaper)
     only rank 0 receives the tensors and the other ranks get {}.
     """
-    if _is_fsdp(model):
+    if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)

@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import common
@@ -452,6 +451,17 @@ def response_values(critic, seqs, starts):
     return list(critic.values(ids, cu, parents=parents)[0, pos].split(sizes))
 
 
+def sample_sequences(samples):
+    """(prompt + response token lists, prompt lengths) of the batch's samples."""
+    return [s["prompt_ids"] + s["response"] for s in samples], [len(s["prompt_ids"]) for s in samples]
+
+
+def by_prompt(indices, seqs, starts):
+    """The indices ordered so that a prompt's samples (and its edits) sit together: micro-batches
+    cut from this order store each prompt once (common.pack_shared_prompts; the same math)."""
+    return sorted(indices, key=lambda i: seqs[i][:starts[i]])
+
+
 def chunked(seq, size):
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
@@ -535,15 +545,13 @@ def collect_batch(args, step, env, actor, tok, rm, items, counts, timer):
 def prepare_advantages(args, env, actor, critic, ref, samples, fused=None):
     """Old log-probs, values, rewards, GAE and whitened advantages for the whole batch (padded).
     fused: fused_forwards' outputs, which hold the old log-probs and values already."""
-    seqs = [s["prompt_ids"] + s["response"] for s in samples]
-    starts = [len(s["prompt_ids"]) for s in samples]
+    seqs, starts = sample_sequences(samples)
     old, vals, refs = [None] * len(seqs), [None] * len(seqs), [None] * len(seqs)
     for micro, lps, _, vs in fused or []:
         for i, lp, v in zip(micro, lps, vs):
             old[i], vals[i] = lp.detach(), v.detach()
-    by_prompt = sorted(range(len(seqs)), key=lambda i: seqs[i][:starts[i]])  # a prompt's samples together
     with torch.no_grad(), autocast(args, env.device):
-        for chunk in chunked(by_prompt, args.micro_batch_size * 2):
+        for chunk in chunked(by_prompt(range(len(seqs)), seqs, starts), args.micro_batch_size * 2):
             cs, cst = [seqs[i] for i in chunk], [starts[i] for i in chunk]
             if fused is None:
                 # log pi_old under the ORIGINAL prompt for every sample (edits included: KL, diagnostics)
@@ -587,20 +595,18 @@ def fused_forwards(args, env, actor, critic, samples):
     ppo_update take them instead of a second forward (GRPO implementations do the same with one
     iteration per batch). Returns [(micro, log-probs, entropies, values)], or None where the step
     makes several optimizer steps."""
+    if not args.fused_update or args.ppo_epochs != 1:
+        return None
     mb = max(1, args.minibatch_size // env.world_size)
     # FSDP2 frees the gathered weights after each forward and cannot run the backward of an
     # earlier forward after a later one: there, only a batch that fits one micro-batch per rank
-    fsdp = any(isinstance(m, FSDPModule) for m in actor.modules())
-    limit = min(mb, args.micro_batch_size) if fsdp else mb
-    too_big = all_reduce_sum(torch.tensor([float(len(samples) > limit)]))  # on any rank
-    if not args.fused_update or args.ppo_epochs != 1 or float(too_big) > 0:
+    limit = min(mb, args.micro_batch_size) if common.is_fsdp(actor) else mb
+    if float(all_reduce_sum(torch.tensor([float(len(samples) > limit)]))) > 0:  # too big on any rank
         return None
-    seqs = [s["prompt_ids"] + s["response"] for s in samples]
-    starts = [len(s["prompt_ids"]) for s in samples]
-    by_prompt = sorted(range(len(seqs)), key=lambda i: seqs[i][:starts[i]])  # a prompt's samples together
+    seqs, starts = sample_sequences(samples)
     out = []
     with autocast(args, env.device):
-        for micro in chunked(by_prompt, args.micro_batch_size):
+        for micro in chunked(by_prompt(range(len(seqs)), seqs, starts), args.micro_batch_size):
             out.append((micro, *micro_forward(args, actor, critic, [seqs[i] for i in micro],
                                               [starts[i] for i in micro])))
     return out
@@ -652,9 +658,8 @@ def ppo_update(args, step, env, actor, critic, opt_a, opt_c, b, fused=None):
             scale = env.world_size / n_tok  # FSDP averages gradients over ranks: this makes a global token-mean
             opt_a.zero_grad(set_to_none=True)
             opt_c.zero_grad(set_to_none=True)
-            # micro-batches by prompt, so that a prompt's samples share one copy of it (same math)
-            by_prompt = sorted(idx, key=lambda i: b["seqs"][i][:b["starts"][i]])
-            micros = chunked(by_prompt, args.micro_batch_size) if fused is None else [f[0] for f in fused]
+            micros = (chunked(by_prompt(idx, b["seqs"], b["starts"]), args.micro_batch_size) if fused is None
+                      else [f[0] for f in fused])
             for j, micro in enumerate(micros):
                 with autocast(args, env.device):
                     o = microbatch_losses(args, actor, critic, b, micro, None if fused is None else fused[j][1:])

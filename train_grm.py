@@ -49,7 +49,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 import common
@@ -478,7 +477,7 @@ def run_grm(args, env):
     train_seconds = time.time() - t0
     if heldout:
         t0 = time.time()
-        if args.eval_dtype == "bfloat16" and not any(isinstance(m, FSDPModule) for m in model.modules()):
+        if args.eval_dtype == "bfloat16" and not common.is_fsdp(model):
             model = unwrap(model).to(torch.bfloat16)  # the fp32 weights are saved already
         metrics, per_pair = grm_pairwise_eval(model, tok, heldout, env, args.eval_max_new_tokens,
                                               args.eval_batch)
