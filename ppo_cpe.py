@@ -16,7 +16,8 @@ One iteration, in the order this file runs it:
   7. PPO update: clipped surrogate for originals, the off-policy term
      -A * pi_theta(y_e | x) / pi_e(y_e | x_edit) for edits, clipped value loss, GAE on the
      critic's values, whitened advantages, token-mean over each minibatch.
---no-edit gives plain PPO (steps 3-6 skipped).
+--no-edit gives plain PPO (steps 3-6 skipped). When a step makes one optimizer step (--ppo-epochs 1,
+the batch in one minibatch), the update's own forwards also give pi_old and V_old (--fused-update).
 
 Commands:
   python sft.py && python train_grm.py       # once: out/sft (policy) and out/grm (reward)
@@ -74,7 +75,7 @@ def get_args(argv=None):
                    "backwards (weights stay --dtype; the paper trains in bf16)")
     p.add_argument("--parallel", default="fsdp", choices=["none", "fsdp"],
                    help="under torchrun: FSDP2 for actor and critic (plain python: ignored)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling, edit selection and minibatch order")
     # reward
     p.add_argument("--reward", default="grm", choices=["grm", "bt", "rubric"],
                    help="grm: generative reward model (local --grm or remote --grm-url); bt: Bradley-Terry "
