@@ -525,6 +525,7 @@ class KVCache:
         self.prefill_index = None  # (source token or None, row, position) of every cached prompt token
         self.max_length = 0  # host copy of lengths.max(): no device sync inside the layers
         self._decode_plan = None  # (write slots, attention mask) of the current decode step
+        self.static = False  # CUDA graph: no host-side lengths; every step attends over max_len
 
     def start_prefill(self, prompt_lengths, index=None):
         """index: (source token, row, position) triples as three lists when the packed prompts
@@ -558,7 +559,8 @@ class KVCache:
         if self._decode_plan is None:
             lengths = self.lengths.long()
             slots = self.rows * self.k.shape[2] + lengths
-            visible = torch.arange(self.max_length + 1, device=lengths.device)[None, :] <= lengths[:, None]
+            span = self.k.shape[2] if self.static else self.max_length + 1
+            visible = torch.arange(span, device=lengths.device)[None, :] <= lengths[:, None]
             mask = torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill_(~visible, float("-inf"))
             self._decode_plan = (slots, mask[:, None, None, :])
         return self._decode_plan
@@ -568,7 +570,7 @@ class KVCache:
         if use_flash(q):
             return flash_attn_with_kvcache(q, self.k[layer], self.v[layer], k, v,
                                            cache_seqlens=self.lengths, causal=True)
-        if q.shape[0] == 1:  # one row: write at its length, attend to everything filled, no mask
+        if q.shape[0] == 1 and not self.static:  # one row: write at its length, attend to all filled, no mask
             span, mask = self.max_length + 1, None
             self.k[layer][0, self.max_length], self.v[layer][0, self.max_length] = k[0, 0], v[0, 0]
         else:
@@ -661,6 +663,61 @@ class CpuDecoder:
             x = x + (F.silu(gate_up[:, :self.inter]) * gate_up[:, self.inter:]) @ w_down
         cache.advance()
         return (rms_norm(x, self.norm, eps) @ self.output).float()
+
+
+class CudaGraphStep:
+    """The decode step captured as one CUDA graph and replayed once per new token (what gpt-fast
+    gets from torch.compile's "reduce-overhead"; by hand here). In eager PyTorch a decode step of a
+    small model is hundreds of kernel launches and the GPU waits on the CPU (1.0x transformers on
+    an H100); a replay is one launch. Graphs need fixed shapes and no host reads of device
+    values, so the cache runs `static`: the new token's slot and the attention mask come from the
+    device-side lengths, and attention spans the whole pre-allocated cache under that mask. The
+    input tokens and the output logits live in fixed buffers. Captured once per generate() call
+    (per cache); capture=False runs the same static step eagerly (how CPU tests check its math)."""
+
+    def __init__(self, model, cache, tokens, capture=True):
+        self.model, self.cache = model, cache
+        self.tokens = tokens.clone()
+        cache.static, self.graph = True, None
+        if capture:
+            saved = cache.lengths.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces)
+                self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            cache.lengths.copy_(saved)  # the warm-up wrote one slot past each row: masked, overwritten
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+
+    def _step(self):
+        cache = self.cache
+        cache._decode_plan = None
+        h = self.model.hidden_states(self.tokens[:, None], positions=cache.lengths.long()[:, None], cache=cache)
+        cache.lengths += 1
+        cache._decode_plan = None
+        return self.model.lm_head_logits(h[:, -1])
+
+    def step(self, tokens, cache):
+        """Same contract as CpuDecoder.step; the logits are a fixed buffer, valid until the next step."""
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            logits = self._step()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        cache.max_length += 1
+        return logits
+
+    @staticmethod
+    def applies(model, max_new_tokens):
+        """CUDA, plain (not FSDP2-sharded) parameters, enough steps to repay the capture (~0.1 s),
+        and not switched off with PERSONARL_CUDA_GRAPH=0."""
+        from torch.distributed.tensor import DTensor
+        w = model.output_weight()
+        return (w.is_cuda and max_new_tokens >= 8 and os.environ.get("PERSONARL_CUDA_GRAPH", "1") != "0"
+                and not is_fsdp(model) and not any(isinstance(p, DTensor) for p in model.parameters()))
 
 
 Generation = namedtuple("Generation", "tokens logprobs stopped watched", defaults=(None,))
@@ -758,7 +815,7 @@ def pack_shared_prefixes(prompts, min_shared=16):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, stop_ids=None,
-             seed=None, progress=False, watch_ids=None, cpu_decoder=True):
+             seed=None, progress=False, watch_ids=None, cpu_decoder=True, cuda_graph=True):
     """Batched generation with a static KV cache. prompts: list of token-id lists (ragged).
 
     Prefill packs all prompts into one sequence (document-causal, no padding); each decode step
@@ -767,7 +824,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     watch_ids, watched[i] is a [n_i, len(watch_ids)] tensor: at each step of row i, the model's
     untempered, untruncated probabilities of those tokens (the GRM's score digits, read without a
     second forward pass); otherwise None. On CPU the decode steps run through CpuDecoder
-    (cpu_decoder=False: through the modules, as on CUDA).
+    (cpu_decoder=False: through the modules); on CUDA through the modules captured as one CUDA
+    graph (CudaGraphStep; cuda_graph=False or PERSONARL_CUDA_GRAPH=0: eager, one launch per op;
+    cuda_graph="eager": its static step without a graph, on any device, for tests).
     """
     model = unwrap(model)
     if not prompts:
@@ -809,6 +868,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
         done |= hit
         if step == max_new_tokens - 1 or bool(done.all()):
             break
+        if decoder is None and step == 0 and (cuda_graph == "eager" or cuda_graph and
+                                              CudaGraphStep.applies(model, max_new_tokens)):
+            decoder = CudaGraphStep(model, cache, tok, capture=cuda_graph != "eager")
         if decoder is not None:
             logits = decoder.step(tok, cache)
         else:

@@ -6,7 +6,8 @@
 Two settings, 128 new tokens each (no early stop on either side, so both emit the same count):
 greedy at batch 1 and sampling (temperature 0.9, top-p 0.9) at batch 16. Prints tokens/s of both,
 the fraction of the memory-bandwidth roofline reached at batch 1 (weight bytes per token over a
-read bandwidth measured in the same run), and the speed ratios last.
+read bandwidth measured in the same run), and the speed ratios last. On CUDA also ours without
+the CUDA-graph decode step (PERSONARL_CUDA_GRAPH=0 switches it off everywhere).
 """
 import argparse
 import sys
@@ -80,9 +81,9 @@ def best_times_alternating(fn_a, fn_b):
     return min(a for a, _ in runs), min(b for _, b in runs)
 
 
-def ours_run(batch, sample):
+def ours_run(batch, sample, cuda_graph=True):
     g = common.generate(ours, batch, args.new_tokens, temperature=0.9 if sample else 0.0,
-                        top_p=0.9 if sample else 1.0, stop_ids=[], seed=0)
+                        top_p=0.9 if sample else 1.0, stop_ids=[], seed=0, cuda_graph=cuda_graph)
     assert all(len(t) == args.new_tokens for t in g.tokens)
 
 
@@ -108,13 +109,15 @@ def read_bandwidth():
     return buf.numel() * buf.element_size() / t / 1e9
 
 
-results = {}
+results, eager = {}, {}
 batch1 = [prompts[2]]
 batchN = [prompts[i % len(prompts)] for i in range(args.batch)]
 for name, batch, sample in (("greedy b1", batch1, False), (f"sample b{args.batch}", batchN, True)):
     t_ours, t_hf = best_times_alternating(lambda: ours_run(batch, sample), lambda: hf_run(batch, sample))
     n = len(batch) * args.new_tokens
     results[name] = (n / t_ours, n / t_hf)
+    if device.type == "cuda":  # what the CUDA graph of the decode step is worth: ours op by op
+        eager[name] = n / best_time(lambda: ours_run(batch, sample, cuda_graph=False))
 
 # weights streamed per decode step: every parameter once (a tied embedding is read as the output layer)
 weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
@@ -125,6 +128,8 @@ print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' 
 print(f"weights {weight_bytes / 1e6:.0f} MB, measured read bandwidth {bandwidth:.1f} GB/s")
 for name, (ours_tps, hf_tps) in results.items():
     print(f"{name:>12}: ours {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s")
+for name, tps in eager.items():
+    print(f"{name:>12}: ours without the CUDA graph (op by op) {tps:8.1f} tok/s")
 b1 = results["greedy b1"][0]
 print(f"batch-1 roofline: ours moves {weight_bytes * b1 / 1e9:.1f} GB/s of weights = "
       f"{100 * weight_bytes * b1 / 1e9 / bandwidth:.0f}% of read bandwidth "

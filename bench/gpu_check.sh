@@ -15,6 +15,14 @@ log=${OUT:-/tmp}/gpu_check.log
 touch "$log"
 run() { echo "=== $*" | tee -a "$log"; timeout 300 "$@" 2>&1 | grep -v "Loading weights" | tee -a "$log" | tail -30; }
 
+# The CUDA-graph decode step is the default on CUDA; if its no-checkpoint test fails, everything
+# after it runs op by op (PERSONARL_CUDA_GRAPH=0) so the rest of the check still reports.
+echo "=== probe: CUDA-graph decode on a tiny random model" | tee -a "$log"
+if ! timeout 120 python3 -m pytest -q -rs tests/test_cuda.py -k tiny_cuda_graph 2>&1 | tee -a "$log" | tail -3 \
+     | grep -q " passed"; then
+  export PERSONARL_CUDA_GRAPH=0
+  echo "CUDA-graph probe failed: PERSONARL_CUDA_GRAPH=0 for the rest of this check" | tee -a "$log"
+fi
 if [ "$part" != model ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
   python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$log"

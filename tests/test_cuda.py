@@ -159,3 +159,47 @@ def test_shared_prefix_packing_on_cuda_matches_whole_sequences():
         for seq, got in zip(seqs, shared):
             whole = model(torch.tensor([seq], device="cuda"))[0].float()[len(prompt) - 1:-1]
             assert (got.softmax(-1) - whole.softmax(-1)).abs().max().item() < 2e-2
+
+
+def test_tiny_cuda_graph_decode_equals_eager():
+    """Needs no checkpoint (gpu_check.sh runs it first): a random tiny Qwen2 model in fp32, the
+    graph-captured decode step against eager, greedy and sampled, ragged rows."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = common.Transformer(common.ModelConfig.from_hf(common.tiny_config("qwen2"))).eval()
+    for p in model.parameters():  # larger than the default init, so greedy tokens vary
+        p.data.normal_(0, 0.3)
+    model.to("cuda")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    for batch, kw in (([prompts[1]], {}), (prompts, {}), (prompts, dict(temperature=1.0, top_p=0.9, seed=1))):
+        eager = common.generate(model, batch, 24, stop_ids=[], cuda_graph=False, **kw)
+        graph = common.generate(model, batch, 24, stop_ids=[], **kw)
+        assert graph.tokens == eager.tokens
+        assert max(abs(a - b) for r, s in zip(graph.logprobs, eager.logprobs) for a, b in zip(r, s)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager(dtype):
+    """The decode step captured as a CUDA graph (the default on CUDA) against the same model run
+    eagerly, op by op: greedy tokens and log-probs for ragged rows, seeded sampling, a stop id
+    that ends one row early, and two generate() calls in a row (each captures its own graph)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tok = common.load_model(common.DEFAULT_MODEL, device="cuda", dtype=dtype)
+    prompts = chat_prompts(tok, QUESTIONS)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    for kw in (dict(), dict(temperature=0.9, top_p=0.9, seed=7)):
+        eager = common.generate(model, prompts, 40, stop_ids=[], cuda_graph=False, **kw)
+        graph = common.generate(model, prompts, 40, stop_ids=[], **kw)
+        again = common.generate(model, prompts, 40, stop_ids=[], **kw)
+        assert graph.tokens == again.tokens
+        greedy = greedy if kw else eager
+        agree = [a == b for a, b in zip(graph.tokens, eager.tokens)]
+        assert all(agree) if dtype == torch.float32 else sum(agree) >= len(prompts) - 1, agree
+        for a, b, same in zip(graph.logprobs, eager.logprobs, agree):
+            if same:
+                assert max(abs(x - y) for x, y in zip(a, b)) < tol
+    stop = [greedy.tokens[2][4]]  # row 2 stops by its 5th token
+    eager = common.generate(model, prompts, 40, stop_ids=stop, cuda_graph=False)
+    graph = common.generate(model, prompts, 40, stop_ids=stop)
+    assert graph.stopped == eager.stopped and eager.stopped[2] and graph.tokens[2] == eager.tokens[2]

@@ -115,6 +115,28 @@ def test_cpu_decoder_equals_module_decode(family, tmp_path):
     assert fast.tokens == slow.tokens and fast.tokens != before
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_static_decode_step_equals_module_decode(family, tmp_path):
+    """The CUDA-graph step's math (CudaGraphStep, run eagerly on the CPU): slots and mask from the
+    device-side lengths, attention over the whole pre-allocated cache under that mask. Same tokens
+    and log-probs as the module decode, at batch 1 and for ragged rows, greedy and sampled, with
+    a stop id ending rows at different steps."""
+    _, folder = hf_reference(family, tmp_path)
+    model, _ = common.load_model(folder)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (9, 2, 14)]
+    for batch, kw in (([prompts[0]], {}), (prompts, {}), (prompts, dict(temperature=1.0, top_p=0.9, seed=3))):
+        ref = common.generate(model, batch, 16, stop_ids=[], cpu_decoder=False, **kw)
+        static = common.generate(model, batch, 16, stop_ids=[], cpu_decoder=False, cuda_graph="eager", **kw)
+        assert static.tokens == ref.tokens
+        assert max(abs(a - b) for r, s in zip(static.logprobs, ref.logprobs) for a, b in zip(r, s)) < 1e-5
+    greedy = common.generate(model, prompts, 16, stop_ids=[], cpu_decoder=False)
+    stop = [greedy.tokens[1][5]]  # row 1 stops at its 6th token (or earlier), the others run on or stop
+    ref = common.generate(model, prompts, 16, stop_ids=stop, cpu_decoder=False)
+    static = common.generate(model, prompts, 16, stop_ids=stop, cpu_decoder=False, cuda_graph="eager")
+    assert static.tokens == ref.tokens and static.stopped == ref.stopped and ref.stopped[1]
+
+
 def test_save_load_roundtrip_and_transformers_loads_ours(tmp_path):
     _, folder = hf_reference("llama", tmp_path / "src")
     model, tok = common.load_model(folder, value_head=True)
