@@ -826,7 +826,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     second forward pass); otherwise None. On CPU the decode steps run through CpuDecoder
     (cpu_decoder=False: through the modules); on CUDA through the modules captured as one CUDA
     graph (CudaGraphStep; cuda_graph=False or PERSONARL_CUDA_GRAPH=0: eager, one launch per op;
-    cuda_graph="eager": its static step without a graph, on any device, for tests).
+    cuda_graph="eager": its static step without a graph, for tests; on CPU with cpu_decoder=False).
     """
     model = unwrap(model)
     if not prompts:
