@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -681,15 +682,17 @@ class CudaGraphStep:
         cache.static, self.graph = True, None
         if capture:
             saved = cache.lengths.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces)
-                self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            cache.lengths.copy_(saved)  # the warm-up wrote one slot past each row: masked, overwritten
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up outside the graph (library handles, workspaces)
+                    self._step()
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._step()
+            finally:  # the warm-up wrote one slot past each row (masked, overwritten) and advanced lengths
+                cache.lengths.copy_(saved)
 
     def _step(self):
         cache = self.cache
@@ -718,6 +721,9 @@ class CudaGraphStep:
         w = model.output_weight()
         return (w.is_cuda and max_new_tokens >= 8 and os.environ.get("PERSONARL_CUDA_GRAPH", "1") != "0"
                 and not is_fsdp(model) and not any(isinstance(p, DTensor) for p in model.parameters()))
+
+
+_GRAPH_FALLBACK_WARNED = []  # the capture-failure message is printed once per process
 
 
 Generation = namedtuple("Generation", "tokens logprobs stopped watched", defaults=(None,))
@@ -870,7 +876,15 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
             break
         if decoder is None and step == 0 and (cuda_graph == "eager" or cuda_graph and
                                               CudaGraphStep.applies(model, max_new_tokens)):
-            decoder = CudaGraphStep(model, cache, tok, capture=cuda_graph != "eager")
+            try:
+                decoder = CudaGraphStep(model, cache, tok, capture=cuda_graph != "eager")
+            except RuntimeError as e:  # an op that cannot be captured here: decode op by op, and say so
+                cache.static, cache._decode_plan = False, None
+                if not _GRAPH_FALLBACK_WARNED:
+                    _GRAPH_FALLBACK_WARNED.append(True)
+                    print0(f"generate: CUDA-graph capture failed ({str(e).splitlines()[0][:200]}); this call "
+                           f"decodes op by op, later calls try again (PERSONARL_CUDA_GRAPH=0 turns it off)",
+                           file=sys.stderr)
         if decoder is not None:
             logits = decoder.step(tok, cache)
         else:

@@ -1,4 +1,5 @@
 """common.py model, checkpoints, attention and generation engine, against transformers (the oracle)."""
+import contextlib
 import json
 
 import pytest
@@ -135,6 +136,33 @@ def test_static_decode_step_equals_module_decode(family, tmp_path):
     ref = common.generate(model, prompts, 16, stop_ids=stop, cpu_decoder=False)
     static = common.generate(model, prompts, 16, stop_ids=stop, cpu_decoder=False, cuda_graph="eager")
     assert static.tokens == ref.tokens and static.stopped == ref.stopped and ref.stopped[1]
+
+
+def test_failed_cuda_graph_capture_falls_back_to_eager_decode(tmp_path, monkeypatch, capsys):
+    """Where a capture fails (simulated on the CPU: the graph path is taken, the warm-up step runs
+    and advances the cache, then the capture raises), generate() restores the cache, decodes op by
+    op with the same tokens, and says so once."""
+    _, folder = hf_reference("llama", tmp_path)
+    model, _ = common.load_model(folder)
+    prompts = [[5, 9, 13, 2, 7], [3, 4]]
+    ref = common.generate(model, prompts, 12, stop_ids=[], cpu_decoder=False)
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    def no_graph():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(common.CudaGraphStep, "applies", staticmethod(lambda model, n: True))
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graph)
+    monkeypatch.setattr(common, "_GRAPH_FALLBACK_WARNED", [])
+    for _ in range(2):
+        got = common.generate(model, prompts, 12, stop_ids=[], cpu_decoder=False)
+        assert got.tokens == ref.tokens and got.logprobs == ref.logprobs
+    assert capsys.readouterr().err.count("CUDA-graph capture failed") == 1
 
 
 def test_save_load_roundtrip_and_transformers_loads_ours(tmp_path):
