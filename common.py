@@ -678,9 +678,9 @@ class CudaGraphStep:
     input tokens and the output logits live in fixed buffers. Captured once per generate() call
     (per cache); capture=False runs the same static step eagerly (how CPU tests check its math)."""
 
-    def __init__(self, model, cache, tokens, capture=True):
+    def __init__(self, model, cache, capture=True):
         self.model, self.cache = model, cache
-        self.tokens = tokens.clone()
+        self.tokens = torch.zeros(cache.lengths.shape[0], dtype=torch.long, device=cache.lengths.device)
         cache.static, self.graph = True, None
         if capture:
             saved = cache.lengths.clone()
@@ -723,6 +723,23 @@ class CudaGraphStep:
         w = model.output_weight()
         return (w.is_cuda and max_new_tokens >= 8 and os.environ.get("PERSONARL_CUDA_GRAPH", "1") != "0"
                 and not is_fsdp(model) and not any(isinstance(p, DTensor) for p in model.parameters()))
+
+    @classmethod
+    def for_call(cls, model, cache, max_new_tokens, cuda_graph):
+        """The step for one generate() call over a prefilled cache, or None (decode op by op).
+        cuda_graph: True (where `applies`), False, or "eager" (the static step without a graph)."""
+        if not (cuda_graph == "eager" or cuda_graph and cls.applies(model, max_new_tokens)):
+            return None
+        try:
+            return cls(model, cache, capture=cuda_graph != "eager")
+        except RuntimeError as e:  # an op that cannot be captured here: decode op by op, and say so
+            cache.static, cache._decode_plan = False, None
+            if not _GRAPH_FALLBACK_WARNED:
+                _GRAPH_FALLBACK_WARNED.append(True)
+                print0(f"generate: CUDA-graph capture failed ({str(e).splitlines()[0][:200]}); this call "
+                       f"decodes op by op, later calls try again (PERSONARL_CUDA_GRAPH=0 turns it off)",
+                       file=sys.stderr)
+            return None
 
 
 _GRAPH_FALLBACK_WARNED = []  # the capture-failure message is printed once per process
@@ -856,6 +873,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
     cache.start_prefill(lens, index)
     h = model.hidden_states(ids, cu, cache=cache, parents=parents)
     logits = model.lm_head_logits(h[0, torch.tensor(last, device=device)])
+    if decoder is None:  # captured after the prefill: its warm-up step reads the filled cache
+        decoder = CudaGraphStep.for_call(model, cache, max_new_tokens, cuda_graph)
 
     out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
@@ -876,17 +895,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0
         done |= hit
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        if decoder is None and step == 0 and (cuda_graph == "eager" or cuda_graph and
-                                              CudaGraphStep.applies(model, max_new_tokens)):
-            try:
-                decoder = CudaGraphStep(model, cache, tok, capture=cuda_graph != "eager")
-            except RuntimeError as e:  # an op that cannot be captured here: decode op by op, and say so
-                cache.static, cache._decode_plan = False, None
-                if not _GRAPH_FALLBACK_WARNED:
-                    _GRAPH_FALLBACK_WARNED.append(True)
-                    print0(f"generate: CUDA-graph capture failed ({str(e).splitlines()[0][:200]}); this call "
-                           f"decodes op by op, later calls try again (PERSONARL_CUDA_GRAPH=0 turns it off)",
-                           file=sys.stderr)
         if decoder is not None:
             logits = decoder.step(tok, cache)
         else:

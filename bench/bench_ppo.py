@@ -260,15 +260,20 @@ def bench_trl(a, rows, python):
         return {**json.loads(Path(job["result"]).read_text()), "peak_rss_gb": peak_gb}
 
 
+def mean_after_warmup(xs):
+    """Mean of the timed iterations: all but the first (warm-up), or the only one."""
+    timed = xs[1:] or xs
+    return sum(timed) / len(timed)
+
+
 def ours_block(a, rows, label):
     """Our iterations, printed; returns the mean wall and CPU seconds of the timed ones."""
     times, lengths, cpu = bench_ours(a, rows)
-    timed = times[1:] or times
     for i, (t, split) in enumerate(times):
         print(f"  {label} iteration {i + 1}: {t:6.1f} s  (" + ", ".join(f"{k} {v:.1f} s" for k, v in split.items())
               + f"; mean response {lengths[i]:.0f} tokens; CPU time {cpu[i]:.1f} s)"
               + ("  [warm-up]" if i == 0 and len(times) > 1 else ""))
-    return sum(t for t, _ in timed) / len(timed), sum(cpu[1:] or cpu) / len(cpu[1:] or cpu)
+    return mean_after_warmup([t for t, _ in times]), mean_after_warmup(cpu)
 
 
 def main():
@@ -296,8 +301,8 @@ def main():
             print(f"  TRL {trl['trl']} iteration {i + 1}: {t:6.1f} s  (generation {g:.1f} s; mean response "
                   f"{ln:.0f} tokens; CPU time {trl['cpu_s'][i]:.1f} s)"
                   + ("  [warm-up]" if i == 0 and len(trl["iter_s"]) > 1 else ""))
-        tt, tc = trl["iter_s"][1:] or trl["iter_s"], trl["cpu_s"][1:] or trl["cpu_s"]
-        results["trl_iteration_s"], results["trl_iteration_cpu_s"] = sum(tt) / len(tt), sum(tc) / len(tc)
+        results["trl_iteration_s"] = mean_after_warmup(trl["iter_s"])
+        results["trl_iteration_cpu_s"] = mean_after_warmup(trl["cpu_s"])
         if a.bracket:  # ours again after TRL: a machine drifting steadily over the run cancels out
             after, after_cpu = ours_block(a, rows, "ours (after TRL)")
             ours, ours_cpu = (ours + after) / 2, (ours_cpu + after_cpu) / 2
