@@ -89,8 +89,9 @@ def test_packed_equals_separate_and_kv_cache_equals_recompute(tmp_path):
 def test_cpu_decoder_equals_module_decode(family, tmp_path):
     """CpuDecoder (concatenated q/k/v and gate/up, RoPE on q and k at once) takes the same decode
     steps as the modules: batch 1 (no mask) and ragged rows (per-row slots and mask), greedy and
-    seeded sampling, fp32. Its copy of the weights is reused while they stay the same and rebuilt
-    after an in-place write or a (fused AdamW) optimizer step."""
+    seeded sampling, fp32. Its copy of the weights is reused while they stay the same, refreshed
+    in place after an in-place write or a (fused AdamW) optimizer step, and rebuilt for new
+    parameter tensors."""
     _, folder = hf_reference(family, tmp_path, tie_word_embeddings=family != "qwen2")
     model, _ = common.load_model(folder)
     decoder = common.CpuDecoder.for_model(model)
@@ -102,18 +103,30 @@ def test_cpu_decoder_equals_module_decode(family, tmp_path):
         slow = common.generate(model, batch, 20, stop_ids=[], cpu_decoder=False, **kw)
         assert fast.tokens == slow.tokens
         assert max(abs(a - b) for r, s in zip(fast.logprobs, slow.logprobs) for a, b in zip(r, s)) < 1e-5
+    def same_as_modules(before):
+        fast = common.generate(model, prompts, 20, stop_ids=[])
+        slow = common.generate(model, prompts, 20, stop_ids=[], cpu_decoder=False)
+        assert fast.tokens == slow.tokens and fast.tokens != before
+        return fast.tokens
+
+    before = fast.tokens
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+        model.model.layers[1].self_attn.k_proj.weight.mul_(-2.0)
+        if family == "qwen2":  # q/k/v biases: concatenated anew on refresh
+            model.model.layers[1].self_attn.v_proj.bias.add_(1.0)
+    assert common.CpuDecoder.for_model(model) is decoder  # refreshed in place
+    before = same_as_modules(before)
+    with torch.no_grad():  # a new tensor behind a parameter: a new copy
+        model.model.layers[1].mlp.up_proj.weight.data = model.model.layers[1].mlp.up_proj.weight * -3.0
     assert common.CpuDecoder.for_model(model) is not decoder
     decoder = common.CpuDecoder.for_model(model)
+    before = same_as_modules(before)
     opt = common.adamw(model.parameters(), lr=1e-2)
     model(torch.tensor([prompts[2]])).logsumexp(-1).mean().backward()
     opt.step()
-    assert common.CpuDecoder.for_model(model) is not decoder
-    before = fast.tokens
-    fast = common.generate(model, prompts, 20, stop_ids=[])
-    slow = common.generate(model, prompts, 20, stop_ids=[], cpu_decoder=False)
-    assert fast.tokens == slow.tokens and fast.tokens != before
+    assert common.CpuDecoder.for_model(model) is decoder
+    same_as_modules(before)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
