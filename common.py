@@ -1600,8 +1600,13 @@ def atomic_dir(final_dir):
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        free = shutil.disk_usage(tmp).free  # before the partial files go
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)) and free < (256 << 20):  # torch.save says "unexpected pos"
+            raise OSError(f"writing {final} failed: its disk is full ({free >> 20} MiB free; "
+                          f"{str(e).splitlines()[0][:160]}). Nothing was replaced: the previous "
+                          f"{final.name}, if any, is intact") from e
         raise
     if final.exists():
         old = final.with_name(f".{final.name}.old-{tag}")

@@ -7,6 +7,7 @@ the LR schedule and the OpenAI-compatible endpoint client. CPU only, about a min
 import importlib
 import json
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -159,6 +160,28 @@ def test_atomic_dir(tmp_path):
         (d / "b.txt").write_text("two")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000001"]
+
+
+def test_atomic_dir_full_disk_says_so(tmp_path, monkeypatch):
+    """A save that fails on a full disk (torch.save's own message is "unexpected pos ...") is
+    reported as a full disk, naming the folder; the previous folder stays, no temp is left. With
+    room on the disk the original error passes through unchanged."""
+    final = tmp_path / "ckpt_000002"
+    with P.atomic_dir(final) as d:
+        (d / "a.txt").write_text("one")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda path: usage._replace(free=3 << 20))
+    full = r"writing .*ckpt_000002 failed: its disk is full \(3 MiB free; .*unexpected pos.*intact"
+    with pytest.raises(OSError, match=full):
+        with P.atomic_dir(final) as d:
+            (d / "a.txt").write_text("half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1051498368 vs 105")
+    assert (final / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000002"]
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda path: usage._replace(free=8 << 30))
+    with pytest.raises(RuntimeError, match="^crash$"):
+        with P.atomic_dir(final) as d:
+            raise RuntimeError("crash")
 
 
 def test_latest_checkpoint(tmp_path):
