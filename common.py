@@ -628,7 +628,7 @@ class CpuDecoder:
             self.layers.append((
                 block.input_layernorm.weight.detach(),  # vectors: views of the parameters themselves
                 w_qkv,
-                torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach() if cfg.qkv_bias else None,
+                torch.empty(w_qkv.shape[1], dtype=w_qkv.dtype) if cfg.qkv_bias else None,  # filled by refresh
                 (a.q_norm.weight.detach(), a.k_norm.weight.detach()) if cfg.qk_norm else None,
                 w_o,
                 block.post_attention_layernorm.weight.detach(),

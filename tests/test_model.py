@@ -103,6 +103,7 @@ def test_cpu_decoder_equals_module_decode(family, tmp_path):
         slow = common.generate(model, batch, 20, stop_ids=[], cpu_decoder=False, **kw)
         assert fast.tokens == slow.tokens
         assert max(abs(a - b) for r, s in zip(fast.logprobs, slow.logprobs) for a, b in zip(r, s)) < 1e-5
+
     def same_as_modules(before):
         fast = common.generate(model, prompts, 20, stop_ids=[])
         slow = common.generate(model, prompts, 20, stop_ids=[], cpu_decoder=False)
