@@ -130,6 +130,45 @@ def test_cpu_decoder_equals_module_decode(family, tmp_path):
     same_as_modules(before)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_cpu_decoder_column_slices(threads, tmp_path):
+    """CpuDecoder stores each matrix transposed and cut into column slices, as many as the thread
+    count allows (the most, up to it, that divide the width), and multiplies by one bmm. Each
+    stored product equals the module's linear layers (q/k/v with biases, gate/up, o, down, the
+    output layer), also where one source matrix spans two slices (q at 5 threads: 4 slices of
+    32 columns for q's 64), and greedy decoding equals the modules'."""
+    assert [common._column_slices(n, t) for n, t in ((960, 2), (960, 7), (576, 5), (7, 4), (49152, 1))] == \
+        [2, 6, 4, 1, 1]
+    _, folder = hf_reference("qwen2", tmp_path, tie_word_embeddings=False)
+    model, _ = common.load_model(folder)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        decoder = common.CpuDecoder(model)
+        x = torch.randn(3, model.config.intermediate_size)
+        a, m = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        _, w_qkv, b_qkv, _, w_o, _, w_gate_up, w_down = decoder.layers[1]
+        hid = model.config.hidden_size
+        with torch.no_grad():
+            pairs = [
+                (common._sliced_matmul(x[:, :hid], w_qkv, b_qkv),
+                 torch.cat([a.q_proj(x[:, :hid]), a.k_proj(x[:, :hid]), a.v_proj(x[:, :hid])], 1)),
+                (common._sliced_matmul(x[:, :hid], w_o), a.o_proj(x[:, :hid])),
+                (common._sliced_matmul(x[:, :hid], w_gate_up), torch.cat([m.gate_proj(x[:, :hid]), m.up_proj(x[:, :hid])], 1)),
+                (common._sliced_matmul(x, w_down), m.down_proj(x)),
+                (common._sliced_matmul(x[:, :hid], decoder.output), model.lm_head(x[:, :hid])),
+            ]
+        for fast, slow in pairs:
+            assert fast.shape == slow.shape and (fast - slow).abs().max().item() < 1e-5
+        assert w_qkv.shape[0] == common._column_slices(w_qkv.shape[0] * w_qkv.shape[2], threads)
+        prompts = [[5, 9, 200, 31], [7, 1, 2]]
+        fast = common.generate(model, prompts, 12, stop_ids=[])
+        slow = common.generate(model, prompts, 12, stop_ids=[], cpu_decoder=False)
+        assert fast.tokens == slow.tokens
+    finally:
+        torch.set_num_threads(old_threads)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_static_decode_step_equals_module_decode(family, tmp_path):
     """The CUDA-graph step's math (CudaGraphStep, run eagerly on the CPU): slots and mask from the
