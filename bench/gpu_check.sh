@@ -31,6 +31,7 @@ if [ "$part" != model ]; then
     || echo "flash-attn not installed: attention runs on PyTorch SDPA" | tee -a "$log"
   run python3 -m pytest -q -rs tests/test_model.py -k "flash_or_sdpa"
   run python3 bench/bench_generate.py --device cuda
+  run python3 bench/bench_slices.py --threads 2 4 8 16  # the host CPU's decode products (~15 s)
 fi
 if [ "$part" != nomodel ]; then
   run python3 -c "import common; print(common.embedded_default_path())"
