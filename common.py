@@ -637,7 +637,10 @@ class CpuDecoder:
                                                             cfg.head_dim, cfg.rms_norm_eps)
         self.inter = cfg.intermediate_size
         # PERSONARL_CPU_SLICES=N caps the slices at N (1: one plain matrix); default: the thread count
-        threads = int(os.environ.get("PERSONARL_CPU_SLICES", "0")) or torch.get_num_threads()
+        cap = os.environ.get("PERSONARL_CPU_SLICES", "0")
+        if not cap.isdigit():
+            raise ValueError(f"PERSONARL_CPU_SLICES must be a whole number (1 = no slicing), got {cap!r}")
+        threads = int(cap) or torch.get_num_threads()
 
         def empty_sliced(*linears):  # [S, in, out / S] for the concatenated outputs of the linears
             n_in, n_out = linears[0].weight.shape[1], sum(lin.weight.shape[0] for lin in linears)
@@ -653,7 +656,8 @@ class CpuDecoder:
             self.layers.append((
                 block.input_layernorm.weight.detach(),  # vectors: views of the parameters themselves
                 w_qkv,
-                torch.empty(w_qkv.shape[0], 1, w_qkv.shape[2], dtype=w_qkv.dtype) if cfg.qkv_bias else None,  # refresh fills it
+                torch.empty(w_qkv.shape[0], 1, w_qkv.shape[2], dtype=w_qkv.dtype)  # q/k/v bias, refresh fills it
+                if cfg.qkv_bias else None,
                 (a.q_norm.weight.detach(), a.k_norm.weight.detach()) if cfg.qk_norm else None,
                 w_o,
                 block.post_attention_layernorm.weight.detach(),

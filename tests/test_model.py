@@ -131,7 +131,7 @@ def test_cpu_decoder_equals_module_decode(family, tmp_path):
 
 
 @pytest.mark.parametrize("threads", [1, 3, 5])
-def test_cpu_decoder_column_slices(threads, tmp_path):
+def test_cpu_decoder_column_slices(threads, tmp_path, monkeypatch):
     """CpuDecoder stores each matrix transposed and cut into column slices, as many as the thread
     count allows (the most, up to it, that divide the width), and multiplies by one bmm. Each
     stored product equals the module's linear layers (q/k/v with biases, gate/up, o, down, the
@@ -154,7 +154,8 @@ def test_cpu_decoder_column_slices(threads, tmp_path):
                 (common._sliced_matmul(x[:, :hid], w_qkv, b_qkv),
                  torch.cat([a.q_proj(x[:, :hid]), a.k_proj(x[:, :hid]), a.v_proj(x[:, :hid])], 1)),
                 (common._sliced_matmul(x[:, :hid], w_o), a.o_proj(x[:, :hid])),
-                (common._sliced_matmul(x[:, :hid], w_gate_up), torch.cat([m.gate_proj(x[:, :hid]), m.up_proj(x[:, :hid])], 1)),
+                (common._sliced_matmul(x[:, :hid], w_gate_up),
+                 torch.cat([m.gate_proj(x[:, :hid]), m.up_proj(x[:, :hid])], 1)),
                 (common._sliced_matmul(x, w_down), m.down_proj(x)),
                 (common._sliced_matmul(x[:, :hid], decoder.output), model.lm_head(x[:, :hid])),
             ]
@@ -165,6 +166,11 @@ def test_cpu_decoder_column_slices(threads, tmp_path):
         fast = common.generate(model, prompts, 12, stop_ids=[])
         slow = common.generate(model, prompts, 12, stop_ids=[], cpu_decoder=False)
         assert fast.tokens == slow.tokens
+        monkeypatch.setenv("PERSONARL_CPU_SLICES", "1")  # the cap: one plain matrix each
+        assert all(w.shape[0] == 1 for w in common.CpuDecoder(model).layers[0][1::3])
+        monkeypatch.setenv("PERSONARL_CPU_SLICES", "two")
+        with pytest.raises(ValueError, match="PERSONARL_CPU_SLICES"):
+            common.CpuDecoder(model)
     finally:
         torch.set_num_threads(old_threads)
 
