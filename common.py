@@ -642,17 +642,17 @@ class CpuDecoder:
             raise ValueError(f"PERSONARL_CPU_SLICES must be a whole number (1 = no slicing), got {cap!r}")
         threads = int(cap) or torch.get_num_threads()
 
-        def empty_sliced(*linears):  # [S, in, out / S] for the concatenated outputs of the linears
-            n_in, n_out = linears[0].weight.shape[1], sum(lin.weight.shape[0] for lin in linears)
+        def empty_sliced(*weights):  # [S, in, out / S] for the [out_i, in] weights stacked on out
+            n_in, n_out = weights[0].shape[1], sum(w.shape[0] for w in weights)
             S = _column_slices(n_out, threads)
-            return torch.empty(S, n_in, n_out // S, dtype=linears[0].weight.dtype)
+            return torch.empty(S, n_in, n_out // S, dtype=weights[0].dtype)
         self.layers, self._copies = [], []  # _copies: (buffer [S, in, out/S], its source matrices [out_i, in])
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
-            groups = ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj), (m.down_proj,))
+            groups = [[lin.weight for lin in g] for g in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,),
+                                                          (m.gate_proj, m.up_proj), (m.down_proj,))]
             w_qkv, w_o, w_gate_up, w_down = (empty_sliced(*g) for g in groups)
-            self._copies += [(buf, [lin.weight for lin in g])
-                             for buf, g in zip((w_qkv, w_o, w_gate_up, w_down), groups)]
+            self._copies += list(zip((w_qkv, w_o, w_gate_up, w_down), groups))
             self.layers.append((
                 block.input_layernorm.weight.detach(),  # vectors: views of the parameters themselves
                 w_qkv,
@@ -664,9 +664,7 @@ class CpuDecoder:
                 w_gate_up,
                 w_down))
         self.embed, self.norm = model.model.embed_tokens.weight.detach(), model.model.norm.weight.detach()
-        vocab = model.output_weight().shape[0]
-        S = _column_slices(vocab, threads)
-        self.output = torch.empty(S, cfg.hidden_size, vocab // S, dtype=self.embed.dtype)
+        self.output = empty_sliced(model.output_weight())
         self._copies.append((self.output, [model.output_weight()]))
         self.inv_freq = model.inv_freq
         half = self.head_dim // 2  # rotate-half as a flip of the two halves, its sign folded into sin
@@ -693,7 +691,7 @@ class CpuDecoder:
             for (_, _, b_qkv, *_), block in zip(self.layers, model.model.layers):
                 if b_qkv is not None:
                     a = block.self_attn
-                    b_qkv.view(-1).copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+                    torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], out=b_qkv.view(-1))
 
     @classmethod
     def for_model(cls, model):
