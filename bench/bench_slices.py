@@ -20,8 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import _column_slices, _sliced_matmul  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                    help="torch thread counts to measure; the slices per matrix follow each, as in "
+                    "CpuDecoder (default: the current count)")
+parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16],
+                    help="rows per product (the decode batch size)")
 args = parser.parse_args()
 
 
