@@ -10,9 +10,10 @@ through TRL's PPOTrainer (trl==1.12.0, trl.experimental.ppo), in this one run: t
 (persona-world prompts, chat template), samples per prompt, response cap, temperature 0.9 with
 top-p 1.0 (TRL samples without nucleus truncation), KL coefficient 0.05 in the reward (TRL always
 runs its reference model), 1 PPO epoch, 1 minibatch holding the whole batch. Both stop at EOS.
-Our side scores every response with the scalar reward model, as TRL does. Iterations after the
-first are timed (the first pays for warm-up); our side runs again after TRL's and the two blocks
-are averaged (--bracket), so a drifting machine favours neither side; the ratio is printed last.
+Our side scores every response with the scalar reward model, as TRL does. Each side runs --iters
+iterations, the first --warmup untimed (loading, compilation, allocator); our side runs again after
+TRL's and the two blocks are averaged (--bracket), so a drifting machine favours neither side; the
+ratio is printed last.
 
 TRL lives in its own environment so it cannot change this one's torch / transformers:
     python -m venv --system-site-packages /tmp/trlenv
@@ -24,6 +25,7 @@ Run (CPU, ~5-10 minutes on 2 cores; also runs on one CUDA GPU, where both sides 
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -60,12 +62,18 @@ def get_args():
     p.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
                    help="run our side again after TRL and average both blocks, so that a machine that "
                    "speeds up or slows down during the run favours neither side")
-    p.add_argument("--iters", type=int, default=2, help="iterations per side; all but the first are timed")
+    p.add_argument("--iters", type=int, default=4, help="iterations per side; all but the --warmup first are timed")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first iterations per side: the first loads and "
+                   "compiles; in ours the second still faults in ~2.7 GB of fresh pages (8-10 s of system time "
+                   "on 2 cores), the later ones none")
     p.add_argument("--prompt-file", default=str(ROOT / "data/persona_world/prompts.jsonl"))
     p.add_argument("--trl-python", default=None, help="interpreter with trl==1.12.0 (default: this one "
                    "if trl imports, else /tmp/trlenv/bin/python)")
     p.add_argument("--skip-cpe", action="store_true", help="skip part 1")
     p.add_argument("--skip-trl", action="store_true", help="skip TRL (part 2 prints only our side)")
+    p.add_argument("--trl-keep-memory", action="store_true", help="run TRL with the allocator setting our "
+                   "stages use on CPU (common.keep_freed_cpu_memory, through GLIBC_TUNABLES), to see how much "
+                   "of the ratio it accounts for")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)  # internal: JSON job file
     return p.parse_args()
 
@@ -251,7 +259,11 @@ def bench_trl(a, rows, python):
                "messages": [common.persona_messages(p, q) for p, q in rows]}
         Path(f"{tmp}/job.json").write_text(json.dumps(job))
         Path(f"{tmp}/worker.py").write_text(TRL_WORKER)
-        proc = subprocess.run([python, f"{tmp}/worker.py", f"{tmp}/job.json"], capture_output=True, text=True)
+        env = dict(os.environ)
+        if a.trl_keep_memory:  # the same two glibc settings as common.keep_freed_cpu_memory
+            env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+        proc = subprocess.run([python, f"{tmp}/worker.py", f"{tmp}/job.json"], capture_output=True, text=True,
+                              env=env)
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (Linux)
         if proc.returncode != 0:  # e.g. -9: killed by the kernel's OOM killer
             print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
@@ -260,9 +272,9 @@ def bench_trl(a, rows, python):
         return {**json.loads(Path(job["result"]).read_text()), "peak_rss_gb": peak_gb}
 
 
-def mean_after_warmup(xs):
-    """Mean of the timed iterations: all but the first (warm-up), or the only one."""
-    timed = xs[1:] or xs
+def mean_after_warmup(xs, warmup):
+    """Mean of the timed iterations: all but the first `warmup` ones (or the last, if none is left)."""
+    timed = xs[warmup:] or xs[-1:]
     return sum(timed) / len(timed)
 
 
@@ -272,8 +284,8 @@ def ours_block(a, rows, label):
     for i, (t, split) in enumerate(times):
         print(f"  {label} iteration {i + 1}: {t:6.1f} s  (" + ", ".join(f"{k} {v:.1f} s" for k, v in split.items())
               + f"; mean response {lengths[i]:.0f} tokens; CPU time {cpu[i]:.1f} s)"
-              + ("  [warm-up]" if i == 0 and len(times) > 1 else ""))
-    return mean_after_warmup([t for t, _ in times]), mean_after_warmup(cpu)
+              + ("  [warm-up]" if i < min(a.warmup, len(times) - 1) else ""))
+    return mean_after_warmup([t for t, _ in times], a.warmup), mean_after_warmup(cpu, a.warmup)
 
 
 def main():
@@ -289,20 +301,23 @@ def main():
     results["ours_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  ours  peak RSS {results['ours_peak_rss_gb']:.1f} GiB (this process, part 1 included)")
     python = None if a.skip_trl else find_trl_python(a)
+    import common
+    common.return_freed_cpu_memory()  # our models are gone: TRL gets their memory (24 GiB hold both barely)
     trl = None if python is None else bench_trl(a, rows, python)
     if python is None:
         print("  TRL: skipped (no interpreter with trl==1.12.0: see the install lines in this file's docstring)")
     elif trl is not None:
-        print(f"  TRL peak RSS {trl['peak_rss_gb']:.1f} GiB")
+        print(f"  TRL peak RSS {trl['peak_rss_gb']:.1f} GiB"
+              + ("  (TRL with our allocator setting, --trl-keep-memory)" if a.trl_keep_memory else ""))
         results["trl_peak_rss_gb"] = trl["peak_rss_gb"]
         for i, t in enumerate(trl["iter_s"]):
             g = trl["gen_s"][i] if i < len(trl["gen_s"]) else float("nan")
             ln = trl["mean_response_tokens"][i] if i < len(trl["mean_response_tokens"]) else float("nan")
             print(f"  TRL {trl['trl']} iteration {i + 1}: {t:6.1f} s  (generation {g:.1f} s; mean response "
                   f"{ln:.0f} tokens; CPU time {trl['cpu_s'][i]:.1f} s)"
-                  + ("  [warm-up]" if i == 0 and len(trl["iter_s"]) > 1 else ""))
-        results["trl_iteration_s"] = mean_after_warmup(trl["iter_s"])
-        results["trl_iteration_cpu_s"] = mean_after_warmup(trl["cpu_s"])
+                  + ("  [warm-up]" if i < min(a.warmup, len(trl["iter_s"]) - 1) else ""))
+        results["trl_iteration_s"] = mean_after_warmup(trl["iter_s"], a.warmup)
+        results["trl_iteration_cpu_s"] = mean_after_warmup(trl["cpu_s"], a.warmup)
         if a.bracket:  # ours again after TRL: a machine drifting steadily over the run cancels out
             after, after_cpu = ours_block(a, rows, "ours (after TRL)")
             ours, ours_cpu = (ours + after) / 2, (ours_cpu + after_cpu) / 2
