@@ -14,6 +14,7 @@ Stages talk to each other only through files: HF-format checkpoint folders and J
 import contextlib
 import ctypes
 import functools
+import gc
 import hashlib
 import http.client
 import json
@@ -1318,8 +1319,6 @@ def keep_freed_cpu_memory():
 
 def return_freed_cpu_memory():
     """Give the memory of freed CPU tensors back to the system (after keep_freed_cpu_memory)."""
-    import gc
-
     gc.collect()
     libc = _glibc()
     if libc is not None:
