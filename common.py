@@ -1302,6 +1302,13 @@ def _glibc():
         return None
 
 
+# keep_freed_cpu_memory's two glibc settings: never mmap a block, trim the heap only past 2 GB free.
+# GLIBC_TUNABLES (what bench_ppo.py --trl-keep-memory gives another process) sets the same two.
+KEEP_CPU_MEMORY_MMAP_MAX, KEEP_CPU_MEMORY_TRIM_THRESHOLD = 0, 2**31 - 1
+KEEP_CPU_MEMORY_TUNABLES = (f"glibc.malloc.mmap_max={KEEP_CPU_MEMORY_MMAP_MAX}:"
+                            f"glibc.malloc.trim_threshold={KEEP_CPU_MEMORY_TRIM_THRESHOLD}")
+
+
 def keep_freed_cpu_memory():
     """Let glibc keep the memory that CPU tensors free, for the next ones. By default a block over
     32 MB (the default model's embedding gradient is 113 MB) gets fresh pages from the kernel at
@@ -1314,7 +1321,8 @@ def keep_freed_cpu_memory():
     if libc is None or os.environ.get("PERSONARL_KEEP_CPU_MEMORY", "1") == "0":
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return (bool(libc.mallopt(M_MMAP_MAX, KEEP_CPU_MEMORY_MMAP_MAX))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_CPU_MEMORY_TRIM_THRESHOLD)))
 
 
 def return_freed_cpu_memory():

@@ -261,7 +261,7 @@ def bench_trl(a, rows, python):
         Path(f"{tmp}/worker.py").write_text(TRL_WORKER)
         env = dict(os.environ)
         if a.trl_keep_memory:  # the same two glibc settings as common.keep_freed_cpu_memory
-            env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+            env["GLIBC_TUNABLES"] = common.KEEP_CPU_MEMORY_TUNABLES
         proc = subprocess.run([python, f"{tmp}/worker.py", f"{tmp}/job.json"], capture_output=True, text=True,
                               env=env)
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (Linux)
