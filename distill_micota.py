@@ -69,8 +69,8 @@ from tqdm import tqdm
 
 from common import (DEFAULT_MODEL, DataError, EndpointError, MetricsLogger, append_jsonl, chat_completion,
                     chat_prompt_ids, conversation_ids_and_mask, dist_cleanup, dist_init, generate,
-                    is_rank0, load_model, map_concurrent, print0, read_jsonl_checked, save_model,
-                    sequence_logprobs, sft_train, stop_token_ids, write_jsonl)
+                    is_rank0, load_model, map_concurrent, print0, read_jsonl_checked, return_freed_cpu_memory,
+                    save_model, sequence_logprobs, sft_train, stop_token_ids, write_jsonl)
 
 REPO = Path(__file__).resolve().parent
 SYNTH_DIR = REPO / "data" / "gsm_synth"
@@ -653,6 +653,9 @@ def run_step(step, args, env, log, **paths):
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{tag}_summary.json").write_text(json.dumps(summary, indent=2))
     log.log(summary)
+    # the step's models are gone: give their kept CPU memory back (common.keep_freed_cpu_memory),
+    # so that the next step's allocations do not stack on it
+    return_freed_cpu_memory()
     return summary
 
 

@@ -423,6 +423,28 @@ def eval_pairs_sample(pairs, n, seed):
     return held if n <= 0 else held[:n]
 
 
+def grm_training_rows(grm_path, pairs, max_train, seed):
+    """GRM rows -> (train rows, eval-loss rows, responses excluded): the train split, shuffled,
+    the first max_train (0 = all), without any response of a held-out pair, whatever the GRM
+    file's split says; eight rows of the other split for the eval loss (the real test is the
+    held-out pairwise accuracy)."""
+    held_text = {(p["question"], p[s]) for p in pairs if p["split"] != "train" for s in ("chosen", "reject")}
+    train_rows, eval_rows, n_held = [], [], 0
+    for lineno, row in read_jsonl_checked(grm_path, False)[0]:
+        require_field(row, "persona", grm_path, lineno, kind=(dict, str))
+        for f in ("question", "response", "grm_output"):
+            require_field(row, f, grm_path, lineno)
+        if row.get("split", "train") != "train":
+            eval_rows.append(row)
+        elif (row["question"], row["response"]) in held_text:
+            n_held += 1
+        else:
+            train_rows.append(row)
+    random.Random(seed).shuffle(train_rows)
+    random.Random(seed + 1).shuffle(eval_rows)
+    return (train_rows[:max_train] if max_train > 0 else train_rows), eval_rows[:8], n_held
+
+
 def run_grm(args, env):
     out = Path(args.out)
     grm_path = Path(args.grm_data)
@@ -439,26 +461,8 @@ def run_grm(args, env):
             raise SystemExit("annotation is incomplete (failed teacher calls): rerun to continue it")
 
     model, tok = load_model(args.model, device=env.device)
-    rows, _ = read_jsonl_checked(grm_path, False)
     heldout = eval_pairs_sample(pairs, args.eval_pairs, args.seed)
-    # responses of held-out pairs never train the GRM, whatever the GRM file's split says
-    held_text = {(p["question"], p[s]) for p in pairs if p["split"] != "train" for s in ("chosen", "reject")}
-    train_rows, eval_rows, n_held = [], [], 0
-    for lineno, row in rows:
-        require_field(row, "persona", grm_path, lineno, kind=(dict, str))
-        for f in ("question", "response", "grm_output"):
-            require_field(row, f, grm_path, lineno)
-        if row.get("split", "train") != "train":
-            eval_rows.append(row)
-        elif (row["question"], row["response"]) in held_text:
-            n_held += 1
-        else:
-            train_rows.append(row)
-    random.Random(args.seed).shuffle(train_rows)
-    random.Random(args.seed + 1).shuffle(eval_rows)
-    if args.max_train > 0:
-        train_rows = train_rows[:args.max_train]
-    eval_rows = eval_rows[:8]  # eval loss only; the real test is the pairwise accuracy below
+    train_rows, eval_rows, n_held = grm_training_rows(grm_path, pairs, args.max_train, args.seed)
 
     def docs_of(rows):  # tokenised GRM conversations; over-long ones dropped (and counted)
         docs = [grm_doc(tok, r["persona"], r["question"], r["response"], r["grm_output"]) for r in rows]
@@ -475,6 +479,9 @@ def run_grm(args, env):
     if result is None:  # --stop-at-step
         return
     train_seconds = time.time() - t0
+    # the optimizer and the training activations are freed: give their kept CPU memory back, so
+    # that the evaluation's KV cache does not stack on it (common.keep_freed_cpu_memory)
+    common.return_freed_cpu_memory()
     if heldout:
         t0 = time.time()
         if args.eval_dtype == "bfloat16" and not common.is_fsdp(model):
