@@ -3,7 +3,8 @@
 `python train_grm.py` (issue #5 asks for the whole default run, training and the 65-pair held-out
 evaluation, in under 10 minutes on 2 CPU cores) trains the embedded SmolLM2-135M on every
 persona-world GRM row for one epoch. This script counts that epoch's work exactly, from the
-batches common.sft_train builds with the defaults (--global-batch 4, --share-prefix): packed
+batches common.sft_train builds with train_grm.py's defaults (read from its own argument parser:
+--global-batch 4, --token-budget 4096, --share-prefix, all rows, seed 0): packed
 tokens, loss tokens, and attention query-key pairs (a continuation segment's queries see its
 shared prompt and themselves). It prices that work with rates measured in this run:
   - matrix products: every linear layer's forward and backward shapes in bf16, timed alone
@@ -13,7 +14,7 @@ shared prompt and themselves). It prices that work with rates measured in this r
 and compares the sum with real training steps (model forward + backward + AdamW, as sft_train).
 The floor leaves out the elementwise work (norms, RoPE, SiLU, casts, the loss) and the optimizer.
 
-    python bench/grm_floor.py                # ~2 minutes on 2 CPU cores
+    python bench/grm_floor.py                # ~1 minute on 2 CPU cores
 """
 import argparse
 import sys
@@ -59,12 +60,15 @@ def main():
     c = model.config
     H, KV, D, h, inter, L = (c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads,
                              c.hidden_size, c.intermediate_size, c.num_hidden_layers)
-    pairs = train_grm.load_pairs([str(train_grm.WORLD / "pairs.jsonl")])
-    rows, _, _ = train_grm.grm_training_rows(train_grm.WORLD / "grm.jsonl", pairs, 0, 0)
+    grm = train_grm.get_args([])  # the default run's settings
+    pairs = train_grm.load_pairs(grm.pairs, grm.persona_dir, grm.eval_pct)
+    rows, _, _ = train_grm.grm_training_rows(Path(grm.grm_data), pairs, grm.max_train, grm.seed)
     docs = [train_grm.grm_doc(tok, r["persona"], r["question"], r["response"], r["grm_output"]) for r in rows]
-    steps = common._sft_epoch_steps(docs, 4, 0, True)
-    batches = [[common.packed_sft_batch([docs[i] for i in mb], share_prefix=True)
-                for mb in common._sft_microbatches(docs, step, 4096, True)] for step in steps]
+    docs = [d for d in docs if len(d[0]) <= grm.max_len]  # as run_grm (none is longer by default)
+    steps = common._sft_epoch_steps(docs, grm.global_batch, grm.seed, grm.share_prefix)
+    batches = [[common.packed_sft_batch([docs[i] for i in mb], share_prefix=grm.share_prefix)
+                for mb in common._sft_microbatches(docs, step, grm.token_budget, grm.share_prefix)]
+               for step in steps]
 
     # the epoch's work
     tokens = sum(b["input_ids"].numel() for bs in batches for b in bs)
