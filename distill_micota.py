@@ -1,65 +1,64 @@
-"""MiCoTA: Mid-CoT Teacher Assistant distillation (SPEC 2; arXiv 2507.01887), every step in one file.
+"""MiCoTA: Mid-CoT Teacher Assistant distillation (SPEC 2; arXiv 2507.01887).
 
 A large reasoning teacher writes long chain-of-thought (CoT) that small students learn poorly from.
-A teacher assistant (TA) of intermediate size is fine-tuned on the long CoT, then merged with its
-own pre-fine-tune weights by DARE-TIES; the merged TA writes CoT about half as long, and the
-student is distilled from that "mid" CoT instead. Steps (each runnable alone, `all` chains them):
+A teacher assistant (TA) of intermediate size is fine-tuned on the long CoT, then merged with its own
+pre-fine-tune weights by DARE-TIES; the merged TA writes CoT about half as long, and the student is
+distilled from that "mid" CoT instead. Steps (each runs alone; `all` chains them in SPEC order):
 
-  synth     write the offline problem set data/gsm_synth/{train,test}.jsonl (seeded word problems)
-  generate  CoT for a problem file from a teacher: a local checkpoint through common.generate, or
-            an OpenAI-compatible endpoint (--url, e.g. vLLM serving a 32B reasoning model).
-            SPEC 2.1 prompt (problem + "step by step, answer in \\boxed{}"), chat template per
-            --chat (auto: on for the embedded default, off for other teachers), greedy,
-            --max-new-tokens cap. Resumable (appends, skips done ids).
-  filter    keep samples whose last \\boxed{} (or GSM8K "#### N") answer equals the reference after
-            MATH-style normalisation and that finished within the length cap (SPEC 2.1 / 2.4)
-  sft       fine-tune on CoT with loss on the response only (SPEC 2.2 TA, SPEC 2.5 student)
-  merge     DARE-TIES between the TA before and after its fine-tune (SPEC 2.3), HF-format output
-  eval      accuracy on GSM8K / AIME24 / AMC23 / OlympiadBench / MATH-500-style files (SPEC 2.6):
-            chat template, greedy, per-set and average accuracy, mean length, per-example JSONL
-  nll       the student's mean per-token NLL and perplexity of a CoT set's responses (SPEC 2.7)
+  synth     the offline problem set data/gsm_synth/{train,test}.jsonl (seeded word problems)
+  generate  CoT per problem, SPEC 2.1 prompt, greedy, --max-new-tokens cap (SPEC 2.1 teacher, 2.4
+            merged TA); a local checkpoint or an OpenAI-compatible endpoint (--url: vLLM); resumable
+  filter    keep answers that match the reference and stopped within the cap (SPEC 2.1, 2.4); kept
+            rows carry "messages" (user: the prompt, assistant: the CoT), which sft.py trains on
+  (sft.py)  the fine-tunes (loss on the CoT): TA on long CoT (SPEC 2.2), student on mid CoT (2.5)
+  merge     DARE-TIES of the TA before and after its fine-tune (SPEC 2.3), HF-format output
+  eval      accuracy and mean length per benchmark file and on average (SPEC 2.6)
+  nll       the student's mean per-token NLL of each CoT set's responses (SPEC 2.7)
 
-The default (`python distill_micota.py all`) runs the whole chain on 2 CPU cores: 32 seeded
-one- and two-step word problems (data/gsm_synth), the embedded SmolLM2-135M-Instruct as teacher, TA
-and student, short token caps, one epoch. It shows the mechanics (files, filters, merge, metrics),
-not the paper's effect: a 135M model is no reasoning teacher, its "long" CoT is a few sentences,
-and it almost never writes \\boxed{}, so GSM8K-style answers fall back to the response's last
-number unless --strict (use --strict for SPEC 2.6 scoring with real models).
+CPU demo (2 cores, minutes): `python distill_micota.py all` runs every step (sft.py in a subprocess)
+on 32 seeded word problems with the embedded SmolLM2-135M-Instruct as teacher, TA and student, into
+out/micota. It shows the mechanics, not the paper's effect: a 135M model is no reasoning teacher and
+almost never writes \\boxed{}, so GSM8K-style answers fall back to the last number unless --strict.
 
-Run (CPU demo, output in out/micota):
-  python distill_micota.py all
-  python distill_micota.py generate --model MODEL --problems FILE --output out/micota/long_raw.jsonl
-  python distill_micota.py filter --data out/micota/long_raw.jsonl --output out/micota/long.jsonl
-  python distill_micota.py sft --model TA --data out/micota/long.jsonl --output out/micota/ta_sft
-  python distill_micota.py merge --base TA --finetuned out/micota/ta_sft --density 0.5 --weight 1.0
-  python distill_micota.py eval --model out/micota/student_sft --eval-files ../shared/data/math/*.jsonl
-  python distill_micota.py nll --model STUDENT --data out/micota/long.jsonl out/micota/mid.jsonl
 Real configuration (32B teacher served by vLLM, 14B TA, 3B student; one node with 8 GPUs):
   vllm serve deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --tensor-parallel-size 8 --max-model-len 20000
   python distill_micota.py generate --url http://localhost:8000/v1 --api-model \\
       deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --problems math_train.jsonl --max-new-tokens 16384 \\
-      --output out/micota/long_raw.jsonl
-  python distill_micota.py filter --strict --data out/micota/long_raw.jsonl --output out/micota/long.jsonl \\
-      --max-cot-tokens 16384
-  torchrun --standalone --nproc_per_node 8 distill_micota.py sft --fsdp --model Qwen2.5-14B-Instruct \\
-      --data out/micota/long.jsonl --output out/micota/ta_sft --lr 1e-5 --epochs 2 \\
-      --global-batch 64 --token-budget 16896
-  python distill_micota.py merge --base Qwen2.5-14B-Instruct --finetuned out/micota/ta_sft \\
+      --workers 64 --output out/micota/long_raw.jsonl
+  python distill_micota.py filter --strict --max-cot-tokens 16384 --data out/micota/long_raw.jsonl \\
+      --output out/micota/long.jsonl
+  torchrun --standalone --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-14B-Instruct \\
+      --data out/micota/long.jsonl --out out/micota/ta_sft --max-samples 0 --eval-frac 0 --lr 1e-5 \\
+      --epochs 2 --global-batch 64 --max-len 16896 --token-budget 16896 --precision bf16-mixed --checkpointing
+  python distill_micota.py merge --base Qwen/Qwen2.5-14B-Instruct --finetuned out/micota/ta_sft \\
       --density 0.5 --weight 1.0 --dtype bfloat16 --output out/micota/ta_merged
-  (serve out/micota/ta_merged with vLLM, then generate with --chat --url ... --output mid_raw.jsonl,
-   filter into mid.jsonl, and torchrun ... sft --model Qwen2.5-3B-Instruct --data mid.jsonl)
-  python distill_micota.py eval --strict --url ... --api-model student --eval-max-new-tokens 16384 \\
-      --eval-files gsm8k_test.jsonl aime24.jsonl amc23.jsonl olympiadbench.jsonl math500.jsonl
-  (the README's MiCoTA section lists every command of the real configuration)
-Outputs: JSONL rows per problem, a *_summary.json per step and metrics.jsonl in --out.
+  vllm serve out/micota/ta_merged --tensor-parallel-size 8 --served-model-name ta_merged
+  python distill_micota.py generate --chat on --url http://localhost:8000/v1 --api-model ta_merged \\
+      --problems math_train.jsonl --max-new-tokens 16384 --workers 64 --output out/micota/mid_raw.jsonl
+  python distill_micota.py filter --strict --max-cot-tokens 16384 --data out/micota/mid_raw.jsonl \\
+      --output out/micota/mid.jsonl
+  python distill_micota.py nll --model Qwen/Qwen2.5-3B-Instruct --token-budget 32768 \\
+      --data out/micota/long.jsonl out/micota/mid.jsonl
+  torchrun --standalone --nproc_per_node 8 sft.py --model Qwen/Qwen2.5-3B-Instruct \\
+      --data out/micota/mid.jsonl --out out/micota/student_sft --max-samples 0 --eval-frac 0 --lr 1e-5 \\
+      --epochs 2 --global-batch 64 --max-len 16896 --token-budget 16896 --precision bf16-mixed --checkpointing
+  vllm serve out/micota/student_sft --tensor-parallel-size 8 --served-model-name student
+  python distill_micota.py eval --strict --url http://localhost:8000/v1 --api-model student \\
+      --eval-max-new-tokens 16384 --eval-files gsm8k_test.jsonl aime24.jsonl amc23.jsonl \\
+      olympiadbench.jsonl math500.jsonl
+A 7B student: the same with Qwen/Qwen2.5-7B-Instruct. The endpoint key is read from $OPENAI_API_KEY
+(--api-key-env). Every step writes <out>/<step>_summary.json and a line of <out>/metrics.jsonl.
 """
 import argparse
 import json
 import math
+import os
 import re
+import shlex
+import subprocess
+import sys
 import threading
 import time
-import urllib.request
 import zlib
 from fractions import Fraction
 from pathlib import Path
@@ -67,83 +66,101 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, DataError, EndpointError, MetricsLogger, append_jsonl, chat_completion,
-                    chat_prompt_ids, conversation_ids_and_mask, dist_cleanup, dist_init, generate,
-                    is_rank0, load_model, map_concurrent, print0, read_jsonl_checked, return_freed_cpu_memory,
-                    save_model, sequence_logprobs, sft_train, stop_token_ids, write_jsonl)
+from common import (DEFAULT_MODEL, DataError, EndpointError, append_jsonl, chat_completion, chat_prompt_ids,
+                    conversation_ids_and_mask, drop_torn_tail, endpoint_request, generate, json_clean,
+                    load_model, main_guard, map_concurrent, micro_batches, read_jsonl, response_logprobs,
+                    save_model, stop_token_ids, write_jsonl)
 
 REPO = Path(__file__).resolve().parent
 SYNTH_DIR = REPO / "data" / "gsm_synth"
-STEPS = ["synth", "generate", "filter", "sft", "merge", "eval", "nll", "all"]
+STEPS = ["synth", "generate", "filter", "merge", "eval", "nll", "all"]
+# sft.py flags of both fine-tunes in `all`: SPEC 2.5's recipe (lr 1e-5, cosine) at CPU-demo sizes
+# (every kept sample is trained on: no held-out fraction, no sample cap)
+SFT_RECIPE = ["--max-samples", "0", "--eval-frac", "0", "--lr", "1e-5", "--epochs", "1", "--global-batch", "8",
+              "--max-len", "1024", "--token-budget", "1024", "--weight-decay", "0", "--save-every", "0"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("step", choices=STEPS, help="which step to run (`all` chains them)")
-    p.add_argument("--out", default="out/micota", help="output folder (default paths, metrics.jsonl)")
-    p.add_argument("--output", default=None, help="output file/folder of a single step "
-                   "(default: a name in --out, printed when the step starts)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling, shuffling and DARE masks")
+    p.add_argument("--out", default="out/micota", help="output folder (default paths, summaries, metrics.jsonl)")
+    p.add_argument("--output", default=None, help="output file/folder of a single step (default: a name in --out)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and the DARE masks")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="weights dtype for loading (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="weights dtype of local models (auto: bf16 on CUDA, fp32 on CPU)")
     # data
     p.add_argument("--problems", default=str(SYNTH_DIR / "train.jsonl"),
-                   help="problem JSONL for generate/all (GSM8K, MATH, AIME, AMC, OlympiadBench layouts)")
+                   help="problem JSONL of generate/all (GSM8K, MATH, AIME, AMC, OlympiadBench layouts)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N problems per file (0 = all)")
-    p.add_argument("--data", nargs="+", default=None,
-                   help="input JSONL of a step: raw CoT (filter), kept CoT (sft, nll)")
+    p.add_argument("--data", nargs="+", default=None, help="input JSONL: raw CoT (filter), kept CoT (nll)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad JSONL lines instead of stopping")
     p.add_argument("--n-train", type=int, default=32, help="synth: number of training problems")
     p.add_argument("--n-test", type=int, default=32, help="synth: number of test problems")
-    # models
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint of generate/sft/eval/nll")
+    # models and endpoints
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint of generate/eval/nll")
     p.add_argument("--teacher", default=DEFAULT_MODEL, help="all: teacher checkpoint (long CoT)")
     p.add_argument("--ta", default=DEFAULT_MODEL, help="all: teacher-assistant checkpoint")
     p.add_argument("--student", default=DEFAULT_MODEL, help="all: student checkpoint")
-    p.add_argument("--url", default=None, help="OpenAI-compatible base URL (e.g. http://localhost:8000/v1): "
-                   "generate/eval through it instead of a local checkpoint (in `all`: the teacher only)")
-    p.add_argument("--api-model", default=None, help="model name the endpoint serves")
+    p.add_argument("--url", default=None, help="OpenAI-compatible base URL (http://localhost:8000/v1): "
+                   "generate/eval through it, not a local checkpoint (in `all`: the teacher only)")
+    p.add_argument("--api-model", default=None, help="model name the endpoint serves (needed with --url)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--workers", type=int, default=16, help="concurrent endpoint requests")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per endpoint request")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed request (timeouts, 429, 5xx)")
     # generation
     p.add_argument("--chat", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="generate (teacher): chat template on or off (off: the raw SPEC 2.1 prompt, for "
-                   "reasoning teachers); auto = on for the embedded default (an instruct model that "
-                   "rambles on the raw prompt), off otherwise. The TA in `all` and eval always use it")
+                   help="generate (teacher): chat template on, or off (the raw SPEC 2.1 prompt, for reasoning "
+                   "teachers); auto: on for the embedded default (it rambles on the raw prompt), else off. "
+                   "The merged TA in `all` and eval always use it")
     p.add_argument("--max-new-tokens", type=int, default=256, help="new-token cap of generate (teacher)")
     p.add_argument("--mid-max-new-tokens", type=int, default=192, help="all: new-token cap of the merged TA")
     p.add_argument("--eval-max-new-tokens", type=int, default=256, help="new-token cap of eval")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (SPEC 2.1, 2.6)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per local generate call")
-    # filter
+    # filter, fine-tunes, merge, nll, eval
     p.add_argument("--max-cot-tokens", type=int, default=0,
                    help="drop samples with more response tokens (0 = only drop those that hit the cap)")
     p.add_argument("--strict", action="store_true", help="filter/eval: only \\boxed{} (and GSM8K '#### N') "
-                   "answers count (SPEC 2.6); default: GSM8K-style problems fall back to the response's last "
-                   "number, because the 135M default model almost never boxes its answer")
-    # sft (names match common.sft_train's args)
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (SPEC 2.5: 1e-5)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the CoT data (SPEC 2.5: 2)")
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0 = from epochs)")
-    p.add_argument("--global-batch", type=int, default=8, help="documents per optimizer step")
-    p.add_argument("--token-budget", type=int, default=1024, help="tokens per packed micro-batch; "
-                   "also the longest prompt+response allowed")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup fraction, then cosine")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"], help="bf16 autocast")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 under torchrun (else DDP)")
-    p.add_argument("--save-every", type=int, default=0, help="training-state checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="sft: continue from the latest checkpoint")
-    # merge
+                   "answers count (SPEC 2.6); else GSM8K-style problems fall back to the response's last number")
+    p.add_argument("--sft-args", default="", help="all: sft.py flags for both fine-tunes, after "
+                   f"{' '.join(SFT_RECIPE)}; e.g. --sft-args=\"--epochs 2 --overwrite\"")
     p.add_argument("--base", default=DEFAULT_MODEL, help="merge: the TA before fine-tuning")
     p.add_argument("--finetuned", nargs="+", default=None, help="merge: fine-tuned checkpoint(s)")
-    p.add_argument("--density", type=float, default=0.5, help="DARE: fraction of delta entries kept")
+    p.add_argument("--density", type=float, default=0.5, help="DARE: fraction of delta entries kept, in (0, 1]")
     p.add_argument("--weight", type=float, default=1.0, help="scale of the merged task vector")
-    # eval
+    p.add_argument("--token-budget", type=int, default=4096, help="nll: tokens per packed forward pass")
     p.add_argument("--eval-files", nargs="+", default=[str(SYNTH_DIR / "test.jsonl")],
                    help="benchmark JSONL files; the set name is the file stem")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, ok, rule in [  # every number is checked before any model loads
+            ("limit", args.limit >= 0, ">= 0"), ("n-train", args.n_train >= 1, ">= 1"),
+            ("n-test", args.n_test >= 1, ">= 1"), ("workers", args.workers >= 1, ">= 1"),
+            ("timeout", args.timeout > 0, "> 0"), ("retries", args.retries >= 0, ">= 0"),
+            ("max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+            ("mid-max-new-tokens", args.mid_max_new_tokens >= 1, ">= 1"),
+            ("eval-max-new-tokens", args.eval_max_new_tokens >= 1, ">= 1"),
+            ("temperature", args.temperature >= 0, ">= 0 (0 = greedy)"), ("batch-size", args.batch_size >= 1, ">= 1"),
+            ("max-cot-tokens", args.max_cot_tokens >= 0, ">= 0"), ("density", 0 < args.density <= 1, "in (0, 1]"),
+            ("weight", math.isfinite(args.weight), "a finite number"),
+            ("token-budget", args.token_budget >= 1, ">= 1")]:
+        if not ok:
+            p.error(f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+    if args.url and not args.api_model:
+        p.error("--url needs --api-model (the model name the endpoint serves)")
+    if args.step == "all" and args.output:
+        p.error("--output names the output of one step; `all` writes into --out")
+    if args.step == "merge" and not args.finetuned:
+        p.error("merge needs --finetuned (the fine-tuned checkpoint folder)")
+    if len({Path(f).stem for f in args.eval_files}) < len(args.eval_files):
+        p.error("--eval-files: two files have the same stem (the set name)")
+    try:
+        args.sft_args = shlex.split(args.sft_args)
+    except ValueError as e:
+        p.error(f"--sft-args: {e}")
+    return args
 
 
 # ---- the offline problem set ----------------------------------------------------------------
@@ -292,15 +309,39 @@ def _as_number(s):
     return None
 
 
+SYMPY_TIMEOUT_S = 2  # per math-verify parse or comparison; signal.alarm counts whole seconds
+
+
+def symbolic_match(pred, ref):
+    r"""math-verify's verdict (Hugging Face's sympy-based grader, SPEC 2.6): radicals, powers, mixed
+    numbers, reordered or factored expressions, sets, intervals, tuples, choice letters. Both sides
+    go in as \boxed{...}, so it reads the answer we extracted (the last box) and nothing else. Its
+    timeouts use signal.alarm, which works only on the main thread; off it, sympy would run
+    unguarded, so there the fast path's verdict (no match) stands, with a warning."""
+    if threading.current_thread() is not threading.main_thread():
+        import warnings
+        warnings.warn("answers_match off the main thread: no sympy timeout there, so no symbolic grading",
+                      RuntimeWarning)
+        return False
+    from math_verify import parse, verify  # here, not at the top: only MATH-style answers need sympy
+    gold = parse(f"\\boxed{{{ref}}}", parsing_timeout=SYMPY_TIMEOUT_S)
+    return verify(gold, parse(f"\\boxed{{{pred}}}", parsing_timeout=SYMPY_TIMEOUT_S),
+                  timeout_seconds=SYMPY_TIMEOUT_S)
+
+
 def answers_match(pred, ref):
-    """Exact match after normalisation, or the same rational value (0.5 = \\frac12 = 1/2)."""
+    r"""Is the extracted answer right (SPEC 2.6)? Fast path without sympy: equal after normalisation,
+    or the same rational value (0.5 = \frac12 = 1/2); two different integers (GSM8K, AIME, AMC) are
+    simply different. Anything else goes to math-verify (symbolic_match)."""
     if pred is None or ref is None:
         return False
     p, r = normalize_math_answer(pred), normalize_math_answer(ref)
-    if p == r:
-        return True
     pv, rv = _as_number(p), _as_number(r)
-    return pv is not None and pv == rv
+    if p == r or (pv is not None and pv == rv):
+        return True
+    if pv is not None and rv is not None and pv.denominator == rv.denominator == 1:
+        return False
+    return symbolic_match(pred, ref)
 
 
 # ---- problem files --------------------------------------------------------------------------
@@ -311,7 +352,7 @@ def load_problems(path, limit=0):
     ending '#### N' (GSM8K, kind "gsm8k"); 'answer' as a string or number (MATH-500, AIME24,
     AMC23); 'final_answer' list (OlympiadBench, joined by ','); else the last \\boxed{} of
     'solution' (MATH train). Anything else is a DataError naming file, line and fields."""
-    rows, _ = read_jsonl_checked(path)
+    rows, _ = read_jsonl(path)
     out, seen = [], set()
     for lineno, r in rows[:limit or None]:
         text = r.get("problem") or r.get("question")
@@ -362,76 +403,89 @@ def cot_messages(row):
 
 # ---- step: generate (SPEC 2.1 teacher, 2.4 merged TA; also the engine of eval) ---------------
 
-def completion_request(base_url, model, prompt, max_tokens, temperature, timeout=600.0, retries=3):
-    """POST {base_url}/completions (raw prompt, no chat template) with exponential backoff."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": temperature}).encode()
-    url = base_url.rstrip("/") + "/completions"
-    for attempt in range(retries + 1):
-        try:
-            req = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                out = json.loads(r.read())
-            if out.get("choices"):
-                return out
-            err = f"no choices in {str(out)[:200]}"
-        except (OSError, ValueError) as e:  # URLError, timeouts, HTTP errors, bad JSON
-            err = f"{type(e).__name__}: {e}"
-        if attempt < retries:
-            time.sleep(2 ** attempt)
-    raise EndpointError(f"POST {url} failed after {retries + 1} attempts: {err}")
+def ask_endpoint(args, url, prompt, chat, max_new_tokens):
+    """One answer from an OpenAI-compatible server -> (text, n_tokens, stopped): /chat/completions
+    with the chat template, else /completions with the raw SPEC 2.1 prompt. Sampling parameters
+    are always sent (vLLM would fill them from the model's generation_config.json)."""
+    if chat:
+        res = chat_completion(url, args.api_model, [{"role": "user", "content": prompt}], temperature=args.temperature,
+                              max_tokens=max_new_tokens, timeout=args.timeout, retries=args.retries,
+                              api_key_env=args.api_key_env)
+        text = res["choices"][0]["message"].get("content") or ""
+    else:
+        body = {"model": args.api_model, "prompt": prompt + "\n", "max_tokens": max_new_tokens,
+                "temperature": args.temperature, "top_p": 1.0}
+        res = endpoint_request(url, "/completions", body, args.timeout, args.retries, 1.0, args.api_key_env)
+        text = res["choices"][0].get("text") or ""
+    n_tokens = (res.get("usage") or {}).get("completion_tokens", len(text.split()))
+    return text, n_tokens, res["choices"][0].get("finish_reason") == "stop"
 
 
-def generate_cot(problems, out_path, args, model_name, chat, max_new_tokens, url=None):
-    """Answer every problem not yet in out_path, appending one row per problem:
-    {id, problem, reference, kind, response, n_tokens, stopped, model}. Returns all rows of
-    out_path for these problems, in problem order."""
+def generate_cot(args, problems, out_path, model_name, chat, max_new_tokens, url=None):
+    """Answer every problem that out_path holds no row for, appending one row per answer: {id,
+    problem, reference, kind, response, n_tokens, stopped, model}. Returns (the rows of `problems`
+    in order, summary). Resuming after a kill: a last line cut mid-write is dropped first; any other
+    bad line stops the run naming file and line, or with --skip-bad is counted, and its problem is
+    answered again only if no valid row has its id (so no id is ever there twice)."""
     out_path = Path(out_path)
-    done = {}
-    if out_path.exists():
-        done = {r["id"]: r for _, r in read_jsonl_checked(out_path, skip_bad=True)[0] if "id" in r}
+    drop_torn_tail(out_path)
+    rows, bad = read_cot([out_path], ("id", "response"), args.skip_bad) if out_path.exists() else ([], [])
+    done = {r["id"]: r for r in rows}
     todo = [p for p in problems if p["id"] not in done]
-    print0(f"generate -> {out_path}: {len(problems) - len(todo)} done, {len(todo)} to go "
-           f"({'endpoint ' + url if url else model_name}, chat template {'on' if chat else 'off'})")
-    source = args.api_model if url else str(model_name)
+    print(f"generate -> {out_path}: {len(problems) - len(todo)} done, {len(todo)} to go ({url or model_name}, "
+          f"chat template {'on' if chat else 'off'})" + (f"; {len(bad)} bad lines skipped: {bad[0]}" if bad else ""))
+    source, lock = (args.api_model if url else str(model_name)), threading.Lock()
 
     def record(p, response, n_tokens, stopped):
-        row = {**p, "response": response, "n_tokens": n_tokens, "stopped": stopped, "model": source}
-        append_jsonl(out_path, row)
-        done[p["id"]] = row
+        with lock:
+            done[p["id"]] = {**p, "response": response, "n_tokens": n_tokens, "stopped": stopped, "model": source}
+            append_jsonl(out_path, done[p["id"]])
+
+    def ask(p):
+        record(p, *ask_endpoint(args, url, problem_prompt(p["problem"]), chat, max_new_tokens))
 
     if todo and url:
-        lock = threading.Lock()
-
-        def one(p):
-            if chat:
-                res = chat_completion(url, args.api_model, [{"role": "user", "content": problem_prompt(p["problem"])}],
-                                      temperature=args.temperature, max_tokens=max_new_tokens, timeout=600.0)
-                text = res["choices"][0]["message"]["content"] or ""
-            else:
-                res = completion_request(url, args.api_model, problem_prompt(p["problem"]) + "\n",
-                                         max_new_tokens, args.temperature)
-                text = res["choices"][0]["text"]
-            n = (res.get("usage") or {}).get("completion_tokens", len(text.split()))
-            with lock:
-                record(p, text, n, res["choices"][0].get("finish_reason") == "stop")
-        map_concurrent(one, todo, max_workers=args.workers, desc="generate")
+        map_concurrent(ask, todo, args.workers, "generate")
     elif todo:
         model, tok = load_model(model_name, args.device, args.torch_dtype)
-        stops = stop_token_ids(tok)
-        for i in tqdm(range(0, len(todo), args.batch_size), desc="generate", disable=not is_rank0()):
+        for i in tqdm(range(0, len(todo), args.batch_size), desc="generate"):
             batch = todo[i:i + args.batch_size]
             prompts = [chat_prompt_ids(tok, [{"role": "user", "content": problem_prompt(p["problem"])}])
                        if chat else tok(problem_prompt(p["problem"]) + "\n")["input_ids"] for p in batch]
-            g = generate(model, prompts, max_new_tokens, temperature=args.temperature, stop_ids=stops,
-                         seed=args.seed + i, progress=is_rank0())
+            g = generate(model, prompts, max_new_tokens, temperature=args.temperature, stop_ids=stop_token_ids(tok),
+                         seed=args.seed + i)
             for p, toks, stopped in zip(batch, g.tokens, g.stopped):
                 record(p, tok.decode(toks[:-1] if stopped else toks, skip_special_tokens=True), len(toks), stopped)
-        del model
     rows = [done[p["id"]] for p in problems]
-    summary = {"rows": len(rows), "mean_tokens": _mean(r["n_tokens"] for r in rows),
-               "stopped_frac": _mean(r["stopped"] for r in rows)}
-    return rows, summary
+    return rows, {"rows": len(rows), "bad_lines": len(bad), "mean_tokens": _mean(r["n_tokens"] for r in rows),
+                  "stopped_frac": _mean(r["stopped"] for r in rows)}
+
+
+def generate_step(args, problems, output, model, chat, max_new_tokens, url=None):
+    return generate_cot(args, load_problems(problems, args.limit), output, model, chat, max_new_tokens, url)[1]
+
+
+def read_cot(paths, fields, skip_bad=False):
+    """(rows, skipped) of CoT files written by generate/filter; each row needs the string fields
+    named. A bad line is a DataError naming file and line, or with skip_bad "path:line: why" in skipped."""
+    rows, skipped = [], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"{path}: file not found")
+        try:
+            good, bad = read_jsonl(path, skip_bad)
+        except DataError as e:  # a bad line
+            raise DataError(f"{e} (--skip-bad skips and counts such lines)") from None
+        skipped += bad
+        for lineno, r in good:
+            missing = [f for f in fields if not isinstance(r.get(f), str)]
+            if not missing:
+                rows.append(r)
+            elif skip_bad:
+                skipped.append(f"{path}:{lineno}: field '{missing[0]}' missing or not a string")
+            else:
+                raise DataError(f"{path}:{lineno}: field '{missing[0]}' missing or not a string (not a `generate` row)")
+    return rows, skipped
 
 
 def _mean(xs):
@@ -439,53 +493,52 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None  # None, not NaN: summaries stay valid JSON
 
 
-def _fmt(x):
-    return "-" if x is None else f"{x:.1f}"
-
-
 # ---- step: filter (SPEC 2.1 correctness + length) ---------------------------------------------
 
 def filter_cot(rows, max_cot_tokens=0, last_number=False):
-    """Keep rows that stopped on their own within the cap and whose answer matches the reference.
-    Over-long samples are dropped, not truncated (rows without 'stopped'/'n_tokens', e.g. from
-    another tool, are length-checked only where those fields exist). Returns (kept, counts)."""
+    """Keep rows that stopped on their own within the cap and whose answer matches the reference
+    (over-long samples are dropped, not truncated); kept rows gain "pred" and "messages", the
+    conversation sft.py trains on. Returns (kept, counts)."""
     kept, n_wrong, n_long = [], 0, 0
     for r in rows:
-        too_long = r.get("stopped") is False or (max_cot_tokens and r.get("n_tokens", 0) > max_cot_tokens)
+        too_long = r.get("stopped") is False or bool(max_cot_tokens and r.get("n_tokens", 0) > max_cot_tokens)
         pred = extract_answer(r["response"], r.get("kind", "math"), last_number)
         correct = answers_match(pred, r["reference"])
-        n_long += bool(too_long)
-        n_wrong += not correct
+        n_long, n_wrong = n_long + too_long, n_wrong + (not correct)
         if correct and not too_long:
-            kept.append({**r, "pred": pred})
-    counts = {"total": len(rows), "kept": len(kept), "wrong_answer": n_wrong, "too_long": n_long,
-              "mean_tokens_all": _mean(r.get("n_tokens", 0) for r in rows),
-              "mean_tokens_kept": _mean(r.get("n_tokens", 0) for r in kept)}
-    return kept, counts
+            kept.append({**r, "pred": pred, "messages": cot_messages(r)})
+    return kept, {"total": len(rows), "kept": len(kept), "wrong_answer": n_wrong, "too_long": n_long,
+                  "mean_tokens_all": _mean(r.get("n_tokens", 0) for r in rows),
+                  "mean_tokens_kept": _mean(r.get("n_tokens", 0) for r in kept)}
 
 
-def read_cot(paths, fields=("problem", "response")):
-    """CoT rows (as written by generate/filter); each must have the string fields named."""
-    rows = []
-    for path in paths:
-        for lineno, r in read_jsonl_checked(path)[0]:
-            for field in fields:
-                if not isinstance(r.get(field), str):
-                    raise DataError(f"{path}:{lineno}: field '{field}' missing or not a string "
-                                    f"(expected a row written by `generate`/`filter`)")
-            rows.append(r)
-    return rows
+def filter_step(args, data, output):
+    rows, bad = read_cot(data, ("problem", "response", "reference"), args.skip_bad)
+    kept, counts = filter_cot(rows, args.max_cot_tokens, not args.strict)
+    write_jsonl(output, kept)
+    print(f"filter -> {output}: kept {counts['kept']}/{counts['total']} ({counts['wrong_answer']} wrong, "
+          f"{counts['too_long']} over-long; {len(bad)} bad lines skipped)")
+    return {**counts, "bad_lines": len(bad)}
 
 
-# ---- step: sft (SPEC 2.2 TA on long CoT, 2.5 student on mid CoT) -------------------------------
+# ---- the fine-tunes: sft.py (SPEC 2.2 TA on long CoT, 2.5 student on mid CoT) ------------------
 
-def sft_cot(model_name, data_paths, out_dir, args, env):
-    """Response-only SFT: loss on the assistant turn (the CoT) of cot_messages, via common.sft_train."""
-    rows = read_cot(data_paths)
-    model, tok = load_model(model_name, env.device, args.torch_dtype)
-    docs = [conversation_ids_and_mask(tok, cot_messages(r)) for r in rows]
-    print0(f"sft {model_name} on {len(docs)} CoT samples ({sum(len(d[0]) for d in docs)} tokens) -> {out_dir}")
-    return sft_train(model, tok, docs, [], args, out_dir, env)
+def sft_step(args, model, data, output):
+    """`python sft.py` on the kept rows' "messages" (loss on the assistant turn, the CoT) with
+    SFT_RECIPE + --sft-args. Like generate's answers, a finished fine-tune (output/DONE) is kept
+    unless --sft-args has --overwrite."""
+    output = Path(output).resolve()
+    if (output / "DONE").exists() and "--overwrite" not in args.sft_args:
+        print(f"sft -> {output}: finished before (DONE), kept; --sft-args=--overwrite trains it again")
+        return {"kept_finished_run": True}
+    model = str(Path(model).resolve()) if Path(model).exists() else str(model)  # sft.py runs in REPO
+    cmd = [sys.executable, str(REPO / "sft.py"), "--model", model, "--data", *[str(Path(d).resolve()) for d in data],
+           "--out", str(output), *SFT_RECIPE, *args.sft_args]
+    print("sft: " + shlex.join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise SystemExit(f"error: sft.py failed (its message is above): {shlex.join(cmd)}")
+    logged = read_jsonl(output / "metrics.jsonl", skip_bad=True)[0] if (output / "metrics.jsonl").exists() else []
+    return {"command": shlex.join(cmd), "last_metrics": logged[-1][1] if logged else None}
 
 
 # ---- step: merge (SPEC 2.3 DARE-TIES) --------------------------------------------------------
@@ -496,19 +549,17 @@ def tensor_seed(seed, name):
 
 
 def dare_ties_merge(base_sd, ft_sds, density, weight, seed):
-    """DARE-TIES (SPEC 2.3), exactly:
-    1. task vectors  d_i = W_ft_i - W_base (fp32), per tensor and fine-tuned model i;
-    2. DARE: keep each entry of d_i with probability `density` (mask = torch.rand(shape,
-       generator seeded by tensor_seed(seed, name)) < density, drawn for i = 0, 1, ... in turn),
-       rescale kept entries by 1 / density (skipped entirely when density == 1);
-    3. TIES sign election: s = sign(sum_i d_i) per entry (DARE's random drop replaces TIES'
-       magnitude trim, as in mergekit's dare_ties);
-    4. disjoint mean: m = sum of the d_i whose sign equals s (zeros excluded) / their count
-       (0 where none agree);
-    5. W = W_base + weight * m, cast back to the base dtype.
-    With one model and density 1 this is W_base + weight * (W_ft - W_base). Non-float tensors are
-    copied from the base. (mergekit with normalize=True divides by the summed weights instead, which
-    for a single model cancels `weight`; here weight always scales the merged task vector.)"""
+    """DARE-TIES (SPEC 2.3), per tensor, exactly:
+    1. task vectors d_i = W_ft_i - W_base (fp32), one per fine-tuned model i;
+    2. DARE: keep each entry of d_i with probability `density` (mask = torch.rand(shape, generator
+       seeded by tensor_seed(seed, name)) < density, drawn for i = 0, 1, ... in turn) and rescale
+       the kept ones by 1 / density (nothing dropped when density == 1);
+    3. TIES sign election s = sign(sum_i d_i) (DARE's drop replaces TIES' magnitude trim, as in
+       mergekit's dare_ties);
+    4. disjoint mean m = sum of the d_i whose sign is s (zeros excluded) / their count (0 if none);
+    5. W = W_base + weight * m, in the base dtype; non-float tensors are copied from the base.
+    One model at density 1 gives W_base + weight * (W_ft - W_base). (mergekit's normalize=True
+    would cancel `weight` for a single model; here it always scales the merged task vector.)"""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     out = {}
@@ -532,196 +583,141 @@ def dare_ties_merge(base_sd, ft_sds, density, weight, seed):
     return out
 
 
-def merge_checkpoints(base_name, ft_names, out_dir, args):
+@torch.no_grad()
+def merge_checkpoints(args, base, finetuned, output):
     """DARE-TIES of whole HF checkpoints, tensor by tensor (peak memory: base + fine-tuned models)."""
-    base, tok = load_model(base_name, "cpu", args.torch_dtype)
-    fts = [load_model(n, "cpu", args.torch_dtype)[0] for n in ft_names]
-    ft_params = [dict(m.named_parameters()) for m in fts]
-    stats = {"changed_frac": [], "delta_norm": 0.0, "merged_norm": 0.0}
-    with torch.no_grad():
-        for name, p in tqdm(list(base.named_parameters()), desc="merge", disable=not is_rank0()):
-            new = dare_ties_merge({name: p}, [{name: fp[name]} for fp in ft_params],
-                                  args.density, args.weight, args.seed)[name]
-            stats["delta_norm"] += float((ft_params[0][name].float() - p.float()).pow(2).sum())
-            stats["merged_norm"] += float((new.float() - p.float()).pow(2).sum())
-            stats["changed_frac"].append(float((new != p).float().mean()))
-            p.copy_(new)
-    save_model(base, tok, out_dir)
+    model, tok = load_model(base, "cpu", args.torch_dtype)
+    fts = [dict(load_model(f, "cpu", args.torch_dtype)[0].named_parameters()) for f in finetuned]
+    delta2 = merged2 = 0.0
+    for name, p in tqdm(list(model.named_parameters()), desc="merge"):
+        new = dare_ties_merge({name: p}, [{name: ft[name]} for ft in fts], args.density, args.weight, args.seed)[name]
+        delta2 += float((fts[0][name].float() - p.float()).pow(2).sum())
+        merged2 += float((new.float() - p.float()).pow(2).sum())
+        p.copy_(new)
+    save_model(model, tok, output)
     return {"density": args.density, "weight": args.weight, "seed": args.seed,
-            "task_vector_norm": math.sqrt(stats["delta_norm"]), "merged_delta_norm": math.sqrt(stats["merged_norm"]),
-            "mean_changed_frac": _mean(stats["changed_frac"])}
+            "task_vector_norm": math.sqrt(delta2), "merged_delta_norm": math.sqrt(merged2)}
 
 
 # ---- step: eval (SPEC 2.6) -------------------------------------------------------------------
 
 def score_rows(rows, last_number=False):
     """Mark each generated row correct or not; returns (rows with pred/correct, accuracy, mean length)."""
-    scored = []
-    for r in rows:
-        pred = extract_answer(r["response"], r["kind"], last_number)
-        scored.append({**r, "pred": pred, "correct": answers_match(pred, r["reference"])})
+    scored = [{**r, "pred": extract_answer(r["response"], r["kind"], last_number)} for r in rows]
+    scored = [{**r, "correct": answers_match(r["pred"], r["reference"])} for r in scored]
     return scored, _mean(r["correct"] for r in scored), _mean(r["n_tokens"] for r in scored)
 
 
-def evaluate(model_name, eval_files, out_dir, args, url=None):
-    """Greedy, chat-templated answers for each benchmark file; per-example JSONL
-    (out_dir/<set>.jsonl, resumable) and {set: accuracy, n, mean_tokens} plus the average."""
-    out_dir = Path(out_dir)
+def evaluate(args, model, eval_files, output, url=None):
+    """Greedy, chat-templated answers per benchmark file (output/<set>_raw.jsonl, resumable),
+    scored into output/<set>.jsonl; {set: accuracy, n, mean_tokens} and the average over sets."""
     results = {}
     for path in eval_files:
         name = Path(path).stem
-        problems = load_problems(path, args.limit)
-        rows, _ = generate_cot(problems, out_dir / f"{name}_raw.jsonl", args, model_name, chat=True,
-                               max_new_tokens=args.eval_max_new_tokens, url=url)
+        rows, _ = generate_cot(args, load_problems(path, args.limit), Path(output) / f"{name}_raw.jsonl", model,
+                               True, args.eval_max_new_tokens, url)
         scored, acc, mean_len = score_rows(rows, not args.strict)
-        write_jsonl(out_dir / f"{name}.jsonl", scored)
+        write_jsonl(Path(output) / f"{name}.jsonl", scored)
         results[name] = {"accuracy": acc, "n": len(scored), "mean_tokens": mean_len}
-        print0(f"eval {name}: accuracy {100 * acc:.1f}% over {len(scored)}, mean length {mean_len:.0f} tokens")
-    results["average"] = {"accuracy": _mean(v["accuracy"] for v in results.values()),
-                          "mean_tokens": _mean(v["mean_tokens"] for v in results.values())}
-    return results
+        print(f"eval {name}: accuracy {100 * acc:.1f}% over {len(scored)}, mean length {mean_len:.0f} tokens")
+    return {**results, "average": {k: _mean(v[k] for v in results.values()) for k in ("accuracy", "mean_tokens")}}
 
 
 # ---- step: nll (SPEC 2.7) --------------------------------------------------------------------
 
 @torch.no_grad()
 def response_nll(model, tokenizer, rows, token_budget=4096):
-    """The model's token-mean negative log-likelihood of the response tokens (mask of
-    conversation_ids_and_mask: the CoT and its end-of-turn token) of each row, given the prompt.
-    Returns (mean NLL over all response tokens, number of tokens)."""
+    """The model's token-mean negative log-likelihood of each row's response given its prompt: the
+    assistant turn of cot_messages (the CoT and its end-of-turn token), the tokens sft.py trains on.
+    Forward passes pack <= token_budget tokens, the chat template's shared system prompt once.
+    Returns (mean NLL, or None without tokens; number of tokens)."""
     docs = [conversation_ids_and_mask(tokenizer, cot_messages(r)) for r in rows]
-    total, count, batch, batch_len = 0.0, 0, [], 0
-    for i, (ids, mask) in enumerate(tqdm(docs, desc="nll", disable=not is_rank0())):
-        batch.append((ids, mask))
-        batch_len += len(ids)
-        if batch_len >= token_budget or i == len(docs) - 1:
-            lps = sequence_logprobs(model, [d[0] for d in batch], [1] * len(batch))
-            for lp, (_, m) in zip(lps, batch):
-                sel = torch.tensor(m[1:], dtype=torch.bool, device=lp.device)
-                total -= float(lp[sel].double().sum())
-                count += int(sel.sum())
-            batch, batch_len = [], 0
-    return total / max(count, 1), count
+    seqs, starts = [ids for ids, _ in docs], [mask.index(1) for _, mask in docs]
+    total, count = 0.0, 0
+    for batch in tqdm(micro_batches(seqs, token_budget, share_prefix=True), desc="nll"):
+        logps, _ = response_logprobs(model, [seqs[i] for i in batch], [starts[i] for i in batch])
+        for i, lp in zip(batch, logps):
+            on = torch.tensor(docs[i][1][starts[i]:], dtype=torch.bool, device=lp.device)
+            total, count = total - float(lp[on].double().sum()), count + int(on.sum())
+    return (total / count if count else None), count
 
 
-def nll_report(model_name, data_paths, args):
-    model, tok = load_model(model_name, args.device, args.torch_dtype)
+def nll_report(args, model, data):
+    model, tok = load_model(model, args.device, args.torch_dtype)
     report = {}
-    for path in data_paths:
-        nll, n = response_nll(model, tok, read_cot([path]), args.token_budget)
-        report[Path(path).stem] = {"nll_per_token": nll, "perplexity": math.exp(nll), "tokens": n}
-        print0(f"nll {Path(path).stem}: {nll:.4f} per token (perplexity {math.exp(nll):.2f}, {n} tokens)")
+    for path in data:
+        rows, bad = read_cot([path], ("problem", "response"), args.skip_bad)
+        nll, n = response_nll(model, tok, rows, args.token_budget)
+        ppl = math.exp(nll) if nll is not None and nll < 700 else None
+        report[Path(path).stem] = {"nll_per_token": nll, "perplexity": ppl, "tokens": n, "bad_lines": len(bad)}
+        print(f"nll {path}: {nll:.4f} per token (perplexity {ppl:.2f}) over {n} tokens" if ppl
+              else f"nll {path}: {nll} per token over {n} tokens")
     return report
 
 
 # ---- driver ----------------------------------------------------------------------------------
 
-def run_step(step, args, env, log, **paths):
-    """Run one step with explicit paths; writes <out>/<tag>_summary.json and a metrics line."""
+def synth_step(args, output):
+    write_jsonl(Path(output) / "train.jsonl", synth_rows(args.n_train, args.seed, "train"))
+    write_jsonl(Path(output) / "test.jsonl", synth_rows(args.n_test, args.seed + 1, "test"))
+    return {"train": args.n_train, "test": args.n_test}
+
+
+def run_step(args, tag, fn, **paths):
+    """fn(args, **paths) -> summary; writes <out>/<tag>_summary.json and a line of <out>/metrics.jsonl."""
     t0 = time.time()
-    out = Path(args.out)
-    tag = paths.pop("tag", step)
-    if step == "synth":
-        d = Path(paths["output"])
-        write_jsonl(d / "train.jsonl", synth_rows(args.n_train, args.seed, "train"))
-        write_jsonl(d / "test.jsonl", synth_rows(args.n_test, args.seed + 1, "test"))
-        summary = {"dir": str(d), "train": args.n_train, "test": args.n_test}
-    elif step == "generate":
-        problems = load_problems(paths["problems"], args.limit)
-        _, summary = generate_cot(problems, paths["output"], args, paths["model"], paths["chat"],
-                                  paths["max_new_tokens"], paths.get("url"))
-    elif step == "filter":
-        rows = read_cot(paths["data"], ("problem", "response", "reference"))
-        kept, summary = filter_cot(rows, args.max_cot_tokens, not args.strict)
-        write_jsonl(paths["output"], kept)
-        print0(f"filter -> {paths['output']}: kept {summary['kept']}/{summary['total']} "
-               f"({summary['wrong_answer']} wrong, {summary['too_long']} over-long); mean length "
-               f"{_fmt(summary['mean_tokens_all'])} -> {_fmt(summary['mean_tokens_kept'])} tokens")
-    elif step == "sft":
-        summary = sft_cot(paths["model"], paths["data"], paths["output"], args, env) or {}
-    elif step == "merge":
-        summary = merge_checkpoints(paths["base"], paths["finetuned"], paths["output"], args)
-    elif step == "eval":
-        summary = evaluate(paths["model"], paths["eval_files"], paths["output"], args, paths.get("url"))
-    elif step == "nll":
-        summary = nll_report(paths["model"], paths["data"], args)
-    as_json = lambda v: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v  # noqa
-    summary = {"step": step, **{k: as_json(v) for k, v in paths.items()}, **summary,
-               "seconds": round(time.time() - t0, 1)}
-    summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
-    if is_rank0():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{tag}_summary.json").write_text(json.dumps(summary, indent=2))
-    log.log(summary)
-    # the step's models are gone: give their kept CPU memory back (common.keep_freed_cpu_memory),
-    # so that the next step's allocations do not stack on it
-    return_freed_cpu_memory()
+    summary = json_clean({"step": tag, **paths, **fn(args, **paths), "seconds": round(time.time() - t0, 1)})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{tag}_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    append_jsonl(Path(args.out) / "metrics.jsonl", {"time": round(time.time(), 3), **summary})
     return summary
 
 
 def main(argv=None):
     args = parse_args(argv)
-    env = dist_init(None if args.device == "auto" else args.device)
-    if env.world_size > 1 and args.step != "sft":  # the other steps would run once per rank
-        raise SystemExit(f"under torchrun only the sft step runs (got {args.step}); run the others with "
-                         f"python (generation at scale: --url with a vLLM server)")
-    args.device = env.device
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise DataError("distill_micota.py runs in one process; run sft.py under torchrun (see the docstring)")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     args.torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if torch.device(env.device).type == "cuda" else torch.float32)
-    out = Path(args.out)
-    log = MetricsLogger(out / "metrics.jsonl")
-    o = args.output
-    s = args.step
-    teacher = args.model if s == "generate" else args.teacher  # --chat auto|on|off -> bool
+        args.dtype, torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32)
+    out, o = Path(args.out), args.output
+    teacher = args.model if args.step == "generate" else args.teacher  # --chat auto|on|off -> bool
     args.chat = args.chat == "on" or (args.chat == "auto" and str(teacher) == DEFAULT_MODEL and not args.url)
-    if s == "synth":
-        run_step(s, args, env, log, output=o or SYNTH_DIR)
-    elif s == "generate":
-        run_step(s, args, env, log, problems=args.problems, output=o or out / "long_raw.jsonl",
-                 model=args.model, chat=args.chat, max_new_tokens=args.max_new_tokens, url=args.url)
-    elif s == "filter":
-        run_step(s, args, env, log, data=args.data or [out / "long_raw.jsonl"], output=o or out / "long.jsonl")
-    elif s == "sft":
-        run_step(s, args, env, log, model=args.model, data=args.data or [out / "long.jsonl"],
-                 output=o or out / "sft")
-    elif s == "merge":
-        if not args.finetuned:
-            raise SystemExit("merge needs --finetuned (the fine-tuned checkpoint folder)")
-        run_step(s, args, env, log, base=args.base, finetuned=args.finetuned, output=o or out / "merged")
-    elif s == "eval":
-        run_step(s, args, env, log, model=args.model, eval_files=args.eval_files,
-                 output=o or out / "eval", url=args.url)
-    elif s == "nll":
-        run_step(s, args, env, log, model=args.model, data=args.data or [out / "long.jsonl", out / "mid.jsonl"])
-    else:  # all: SPEC 2 steps 1-7 in order
-        run_step("generate", args, env, log, tag="generate_long", problems=args.problems,
-                 output=out / "long_raw.jsonl", model=args.teacher, chat=args.chat,
-                 max_new_tokens=args.max_new_tokens, url=args.url)
-        kept = run_step("filter", args, env, log, tag="filter_long", data=[out / "long_raw.jsonl"],
-                        output=out / "long.jsonl")["kept"]
-        if kept == 0:
-            raise SystemExit(f"the filter kept no long-CoT sample (see {out / 'long_raw.jsonl'}): nothing to "
-                             f"fine-tune the TA on; raise --max-new-tokens or use a stronger --teacher")
-        run_step("sft", args, env, log, tag="sft_ta", model=args.ta, data=[out / "long.jsonl"], output=out / "ta_sft")
-        run_step("merge", args, env, log, base=args.ta, finetuned=[out / "ta_sft"], output=out / "ta_merged")
-        run_step("generate", args, env, log, tag="generate_mid", problems=args.problems,
-                 output=out / "mid_raw.jsonl", model=out / "ta_merged", chat=True,
-                 max_new_tokens=args.mid_max_new_tokens)
-        kept = run_step("filter", args, env, log, tag="filter_mid", data=[out / "mid_raw.jsonl"],
-                        output=out / "mid.jsonl")["kept"]
-        if kept == 0:
-            raise SystemExit(f"the filter kept no mid-CoT sample (see {out / 'mid_raw.jsonl'}): nothing to "
-                             f"distill the student on")
-        run_step("nll", args, env, log, model=args.student, data=[out / "long.jsonl", out / "mid.jsonl"])
-        run_step("sft", args, env, log, tag="sft_student", model=args.student, data=[out / "mid.jsonl"],
-                 output=out / "student_sft")
-        run_step("eval", args, env, log, tag="eval_base", model=args.student, eval_files=args.eval_files,
-                 output=out / "eval_base")
-        run_step("eval", args, env, log, tag="eval_student", model=out / "student_sft",
-                 eval_files=args.eval_files, output=out / "eval_student")
-    log.close()
-    dist_cleanup()
+    long_raw, long, mid_raw, mid = (out / f"{n}.jsonl" for n in ("long_raw", "long", "mid_raw", "mid"))
+    steps = {  # one step alone
+        "synth": [("synth", synth_step, dict(output=o or SYNTH_DIR))],
+        "generate": [("generate", generate_step, dict(problems=args.problems, output=o or long_raw, model=args.model,
+                                                      chat=args.chat, max_new_tokens=args.max_new_tokens,
+                                                      url=args.url))],
+        "filter": [("filter", filter_step, dict(data=args.data or [long_raw], output=o or long))],
+        "merge": [("merge", merge_checkpoints, dict(base=args.base, finetuned=args.finetuned,
+                                                    output=o or out / "merged"))],
+        "eval": [("eval", evaluate, dict(model=args.model, eval_files=args.eval_files, output=o or out / "eval",
+                                         url=args.url))],
+        "nll": [("nll", nll_report, dict(model=args.model, data=args.data or [long, mid]))],
+        "all": [  # SPEC 2 steps 1-7 in order
+            ("generate_long", generate_step, dict(problems=args.problems, output=long_raw, model=args.teacher,
+                                                  chat=args.chat, max_new_tokens=args.max_new_tokens, url=args.url)),
+            ("filter_long", filter_step, dict(data=[long_raw], output=long)),
+            ("sft_ta", sft_step, dict(model=args.ta, data=[long], output=out / "ta_sft")),
+            ("merge", merge_checkpoints, dict(base=args.ta, finetuned=[out / "ta_sft"], output=out / "ta_merged")),
+            ("generate_mid", generate_step, dict(problems=args.problems, output=mid_raw, model=out / "ta_merged",
+                                                 chat=True, max_new_tokens=args.mid_max_new_tokens)),
+            ("filter_mid", filter_step, dict(data=[mid_raw], output=mid)),
+            ("nll", nll_report, dict(model=args.student, data=[long, mid])),
+            ("sft_student", sft_step, dict(model=args.student, data=[mid], output=out / "student_sft")),
+            ("eval_base", evaluate, dict(model=args.student, eval_files=args.eval_files, output=out / "eval_base")),
+            ("eval_student", evaluate, dict(model=out / "student_sft", eval_files=args.eval_files,
+                                            output=out / "eval_student"))]}
+    for tag, fn, paths in steps[args.step]:
+        try:
+            summary = run_step(args, tag, fn, **paths)
+        except EndpointError as e:  # a refused key or a dead server: one line, like bad data
+            raise DataError(str(e)) from None
+        if args.step == "all" and fn is filter_step and summary["kept"] == 0:
+            raise DataError(f"the filter kept no sample of {paths['data'][0]}: nothing to fine-tune on; raise "
+                            f"--max-new-tokens / --mid-max-new-tokens or use a stronger --teacher")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -4,9 +4,8 @@
 
 For each policy evaluated by `eval_persona.py winrate` into out/eval/<policy>/: LC and raw win
 rate against the persona world's reference answers, mean answer length, and the ground-truth
-rubric scores per dimension (the rubric re-judges the saved answers); for the reward models: the
-held-out pair accuracy train_grm.py wrote (out/grm, out/bt) and any `eval_persona.py accuracy` run
-in out/eval/acc_<name>/; for each
+rubric scores per dimension (the rubric re-judges the saved answers); for the reward models: every
+`eval_persona.py accuracy` run in out/eval/acc_<name>/ (held-out pairs); for each
 PPO run: reward and length over steps, as a table and (when matplotlib is installed) a PNG.
 """
 import argparse
@@ -51,23 +50,15 @@ for name in args.policies.split(","):
                  f"| {s['winrate']:.1f} | {tokens:.0f} | " + " | ".join(f"{mean[d]:+.2f}" for d in DIMS)
                  + f" | {weighted:+.2f} |")
 
-lines += ["", "| reward model | held-out pairs | accuracy % |", "|---|---:|---:|"]
-for name in ("grm", "bt"):  # scored by train_grm.py at the end of training, on its held-out split
-    metrics_file = root / name / "heldout_metrics.json"
-    if metrics_file.exists():
-        m = json.loads(metrics_file.read_text())
-        extra = (f" (integer scores parsed from the text: {100 * m['pairwise_acc_parsed']:.1f})"
-                 if "pairwise_acc_parsed" in m else "")
-        lines.append(f"| {name} (train_grm.py held-out split) | {m['eval_pairs']} | "
-                     f"{100 * m['pairwise_acc']:.1f}{extra} |")
+lines += ["", "| reward model (eval_persona.py accuracy, held-out pairs) | pairs | accuracy % | failed judgments |",
+          "|---|---:|---:|---:|"]
 for folder in sorted((root / "eval").glob("acc_*")):
     summary = folder / "accuracy_summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        total = s.get("total", {}) if isinstance(s.get("total"), dict) else {}
-        acc = total.get("accuracy", s.get("accuracy"))
-        n = total.get("n", s.get("n_cases"))
-        lines.append(f"| {folder.name[4:]} | {n} | {100 * acc if acc is not None and acc <= 1 else acc:.1f} |")
+        lines.append(f"| {folder.name[4:]} | {s['n_cases']} | {s['accuracy']:.1f} | {s.get('n_failed', 0)} |")
+    else:
+        lines.append(f"| {folder.name[4:]} | (no summary: judging failed, see its log) | | |")
 
 curves = {}
 lines += ["", "| PPO run | steps | reward first -> last | length first -> last (tokens) | EOS rate last |",

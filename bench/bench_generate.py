@@ -7,7 +7,7 @@ Two settings, 128 new tokens each (no early stop on either side, so both emit th
 greedy at batch 1 and sampling (temperature 0.9, top-p 0.9) at batch 16. Prints tokens/s of both,
 the fraction of the memory-bandwidth roofline reached at batch 1 (weight bytes per token over a
 read bandwidth measured in the same run), and the speed ratios last. On CUDA also ours without
-the CUDA-graph decode step (PERSONARL_CUDA_GRAPH=0 switches it off everywhere).
+the CUDA-graph decode step (generate(..., cuda_graph=False), op by op).
 """
 import argparse
 import sys
@@ -23,7 +23,8 @@ import common  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2 on CPU, random Qwen2.5-0.5B config on CUDA)")
+parser.add_argument("--model", default=None,
+                    help="checkpoint (default: SmolLM2 on CPU, random Qwen2.5-0.5B config on CUDA)")
 parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per row")
 parser.add_argument("--batch", type=int, default=16, help="batch size of the sampling setting")
 parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per side, the two sides "
@@ -34,9 +35,11 @@ device = torch.device(args.device)
 dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 tmp = tempfile.TemporaryDirectory()
 if args.model is None and device.type == "cuda":  # Qwen2.5-0.5B shape, random weights
-    cfg = common.tiny_config("qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                             num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                             head_dim=64, rope_theta=1e6, tie_word_embeddings=True)
+    cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936,
+           "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+           "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+           "tie_word_embeddings": True, "max_position_embeddings": 32768, "hidden_act": "silu",
+           "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
     torch.manual_seed(0)
     hf_model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**cfg))
     hf_model.save_pretrained(tmp.name)
@@ -122,9 +125,9 @@ for name, batch, sample in (("greedy b1", batch1, False), (f"sample b{args.batch
 # weights streamed per decode step: every parameter once (a tied embedding is read as the output layer)
 weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
 bandwidth = read_bandwidth()
+model_name = folder if args.model else "random Qwen2.5-0.5B shape" if device.type == "cuda" else common.DEFAULT_MODEL
 print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-      f"dtype {dtype}, model {folder if args.model else ('random Qwen2.5-0.5B shape' if device.type == 'cuda' else common.DEFAULT_MODEL)}, "
-      f"{torch.get_num_threads()} threads")
+      f"dtype {dtype}, model {model_name}, {torch.get_num_threads()} threads")
 print(f"weights {weight_bytes / 1e6:.0f} MB, measured read bandwidth {bandwidth:.1f} GB/s")
 for name, (ours_tps, hf_tps) in results.items():
     print(f"{name:>12}: ours {ours_tps:8.1f} tok/s   transformers {hf_tps:8.1f} tok/s")

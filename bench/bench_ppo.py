@@ -54,26 +54,19 @@ def get_args():
                    "repeated; at 4 prompts x 2 samples TRL outgrew 24 GiB of RAM on the 2-core machine and was "
                    "OOM-killed)")
     p.add_argument("--response-length", type=int, default=64, help="response cap (tokens)")
-    p.add_argument("--micro-batch", type=int, default=2, help="our sequences per forward/backward (memory; "
-                   "the optimizer step still covers the whole batch, like TRL's single minibatch)")
-    p.add_argument("--fused-update", action=argparse.BooleanOptionalAction, default=True,
-                   help="ours: the update's forwards give the old log-probs and values (ppo_cpe's default "
-                   "with one optimizer step per iteration); --no-fused-update runs them separately")
+    p.add_argument("--micro-token-budget", type=int, default=2048, help="our tokens per forward/backward "
+                   "(memory; the optimizer step still covers the whole batch, like TRL's single minibatch)")
     p.add_argument("--bracket", action=argparse.BooleanOptionalAction, default=True,
                    help="run our side again after TRL and average both blocks, so that a machine that "
                    "speeds up or slows down during the run favours neither side")
     p.add_argument("--iters", type=int, default=4, help="iterations per side; all but the --warmup first are timed")
-    p.add_argument("--warmup", type=int, default=2, help="untimed first iterations per side: the first loads and "
-                   "compiles; in ours the second still faults in ~2.7 GB of fresh pages (8-10 s of system time "
-                   "on 2 cores), the later ones none")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first iterations per side (loading, the "
+                   "allocator's first use of fresh memory)")
     p.add_argument("--prompt-file", default=str(ROOT / "data/persona_world/prompts.jsonl"))
     p.add_argument("--trl-python", default=None, help="interpreter with trl==1.12.0 (default: this one "
                    "if trl imports, else /tmp/trlenv/bin/python)")
     p.add_argument("--skip-cpe", action="store_true", help="skip part 1")
     p.add_argument("--skip-trl", action="store_true", help="skip TRL (part 2 prints only our side)")
-    p.add_argument("--trl-keep-memory", action="store_true", help="run TRL with the allocator setting our "
-                   "stages use on CPU (common.keep_freed_cpu_memory, through GLIBC_TUNABLES), to see how much "
-                   "of the ratio it accounts for")
     p.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)  # internal: JSON job file
     return p.parse_args()
 
@@ -95,13 +88,13 @@ def bench_cpe(a):
     import ppo_cpe
     sft = "out/sft" if (ROOT / "out/sft").exists() else common.DEFAULT_MODEL
     grm = "out/grm" if (ROOT / "out/grm").exists() else common.DEFAULT_MODEL
-    args = ppo_cpe.get_args(["--sft", sft, "--grm", grm])
+    args = ppo_cpe.get_args(["--sft", sft, "--grm", grm, "--precision", "fp32"])
     env = common.dist_init()
-    actor, tok = common.load_model(args.sft, device=env.device)
-    critic, _ = common.load_model(args.sft, device=env.device, value_head=True)
+    actor, tok = common.load_trainable(args.sft, env)
+    critic, _ = common.load_trainable(args.sft, env, value_head=True)
     rm = common.load_model(grm, device=env.device)
-    opt_a = common.adamw(actor.parameters(), lr=args.actor_lr, weight_decay=args.weight_decay)
-    opt_c = common.adamw(critic.parameters(), lr=args.critic_lr, weight_decay=args.weight_decay)
+    opt_a = common.adamw(actor, args.actor_lr, args.weight_decay)
+    opt_c = common.adamw(critic, args.critic_lr, args.weight_decay)
     path = args.prompts if Path(args.prompts).exists() else None
     items = ppo_cpe.load_prompts(path, tok, args.max_prompt_tokens) if path else \
         [{"persona": p, "question": q, "prompt_ids": common.chat_prompt_ids(tok, common.persona_messages(p, q))}
@@ -109,20 +102,19 @@ def bench_cpe(a):
     print(f"part 1: one Critique-Post-Edit PPO iteration, default flags (sft={sft}, grm={grm}, "
           f"{args.prompts_per_step} prompts x {args.samples} samples, cap {args.max_new_tokens}, device {env.device})")
     timer = dict.fromkeys(["gen", "score", "edit", "train"], 0.0)
-    counts = {"parse_fail": 0, "endpoint_fail": 0}
+    counts = dict.fromkeys(["reward_calls", "reward_fail", "groups_dropped", "critique_fail"], 0)
     t0 = time.time()
     samples, _ = ppo_cpe.collect_batch(args, 0, env, actor, tok, rm, items, counts, timer)
     t = time.time()
-    fused = ppo_cpe.fused_forwards(args, env, actor, critic, samples)
-    b = ppo_cpe.prepare_advantages(args, env, actor, critic, None, samples, fused)
-    ppo_cpe.ppo_update(args, 0, env, actor, critic, opt_a, opt_c, b, fused)
+    b = ppo_cpe.prepare_advantages(args, env, actor, critic, None, samples)
+    ppo_cpe.ppo_update(args, 0, env, actor, critic, opt_a, opt_c, b)
     timer["train"] = time.time() - t
     total = time.time() - t0
     n_tok = sum(len(s["response"]) for s in samples)
     for k, v in timer.items():
         print(f"  {k:<6} {v:7.1f} s  {100 * v / total:5.1f}%")
     print(f"  total  {total:7.1f} s  ({len(samples)} sequences, {n_tok} response tokens, "
-          f"{counts['parse_fail']} GRM parse failures)")
+          f"{counts['reward_fail']} failed reward calls)")
     return {"cpe_iteration_s": total, **{f"cpe_{k}_s": v for k, v in timer.items()}}
 
 
@@ -135,18 +127,16 @@ def bench_ours(a, rows):
     import common
     import ppo_cpe
     env = common.dist_init()
-    args = ppo_cpe.get_args(["--sft", common.DEFAULT_MODEL, "--reward", "bt", "--no-edit",
-                             "--fused-update" if a.fused_update else "--no-fused-update",
+    args = ppo_cpe.get_args(["--sft", common.DEFAULT_MODEL, "--reward", "bt", "--no-edit", "--precision", "fp32",
                              "--samples", str(a.samples), "--max-new-tokens", str(a.response_length),
                              "--top-p", "1.0", "--kl-coef", "0.05", "--kl-in", "reward",
-                             "--minibatch-size", str(a.prompts * a.samples),
-                             "--micro-batch-size", str(a.micro_batch)])
-    actor, tok = common.load_model(args.sft, device=env.device)
-    critic, _ = common.load_model(args.sft, device=env.device, value_head=True)
+                             "--minibatch-size", str(a.prompts), "--micro-token-budget", str(a.micro_token_budget)])
+    actor, tok = common.load_trainable(args.sft, env)
+    critic, _ = common.load_trainable(args.sft, env, value_head=True)
     ref, _ = common.load_model(args.sft, device=env.device)
     rm = common.load_model(args.sft, device=env.device, value_head=True)
-    opt_a = common.adamw(actor.parameters(), lr=1e-6, weight_decay=args.weight_decay)
-    opt_c = common.adamw(critic.parameters(), lr=1e-5, weight_decay=args.weight_decay)
+    opt_a = common.adamw(actor, 1e-6, args.weight_decay)
+    opt_c = common.adamw(critic, 1e-5, args.weight_decay)
     prompts = [(p, q, common.chat_prompt_ids(tok, common.persona_messages(p, q))) for p, q in rows]
     stops = common.stop_token_ids(tok)
     times, lengths, cpu = [], [], []
@@ -159,24 +149,17 @@ def bench_ours(a, rows):
         split["gen"] = time.time() - t0
         t = time.time()
         texts = [tok.decode(x, skip_special_tokens=True) for x in gen.tokens]
-        judged = ppo_cpe.judge(args, rm, [(p, q, y) for (p, q, _), y in zip(rollouts, texts)], False, 0, {})
+        judged = ppo_cpe.judge(args, rm, [(p, q, y) for (p, q, _), y in zip(rollouts, texts)], False, 0)
         scores = ppo_cpe.apply_eos_penalty(torch.tensor([r for r, _, _ in judged]),
                                            torch.tensor(gen.stopped), args.eos_penalty)
         samples = [dict(prompt_ids=x[2], response=y, reward=float(r), is_edit=False, edit_logp=None)
                    for x, y, r in zip(rollouts, gen.tokens, scores)]
-        split["score"] = time.time() - t
         t = time.time()
-        # one optimizer step per iteration: the update's forwards give pi_old and V_old
-        # (ppo_cpe --fused-update; --no-fused-update runs them separately, as TRL does)
-        fused = ppo_cpe.fused_forwards(args, env, actor, critic, samples)
-        split["update"] = time.time() - t
-        t = time.time()
-        b = ppo_cpe.prepare_advantages(args, env, actor, critic, ref, samples, fused)
+        b = ppo_cpe.prepare_advantages(args, env, actor, critic, ref, samples)  # old log-probs, values, ref
         split["score"] += time.time() - t
         t = time.time()
-        ppo_cpe.ppo_update(args, it, env, actor, critic, opt_a, opt_c, b, fused)
-        split["update"] += time.time() - t
-        del fused
+        ppo_cpe.ppo_update(args, it, env, actor, critic, opt_a, opt_c, b)
+        split["update"] = time.time() - t
         times.append((time.time() - t0, split))
         cpu.append(time.process_time() - c0)
         lengths.append(sum(len(x) for x in gen.tokens) / len(gen.tokens))
@@ -259,11 +242,7 @@ def bench_trl(a, rows, python):
                "messages": [common.persona_messages(p, q) for p, q in rows]}
         Path(f"{tmp}/job.json").write_text(json.dumps(job))
         Path(f"{tmp}/worker.py").write_text(TRL_WORKER)
-        env = dict(os.environ)
-        if a.trl_keep_memory:  # the same two glibc settings as common.keep_freed_cpu_memory
-            env["GLIBC_TUNABLES"] = common.KEEP_CPU_MEMORY_TUNABLES
-        proc = subprocess.run([python, f"{tmp}/worker.py", f"{tmp}/job.json"], capture_output=True, text=True,
-                              env=env)
+        proc = subprocess.run([python, f"{tmp}/worker.py", f"{tmp}/job.json"], capture_output=True, text=True)
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB (Linux)
         if proc.returncode != 0:  # e.g. -9: killed by the kernel's OOM killer
             print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
@@ -301,14 +280,13 @@ def main():
     results["ours_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  ours  peak RSS {results['ours_peak_rss_gb']:.1f} GiB (this process, part 1 included)")
     python = None if a.skip_trl else find_trl_python(a)
-    import common
-    common.return_freed_cpu_memory()  # our models are gone: TRL gets their memory (24 GiB hold both barely)
+    import gc
+    gc.collect()  # our models are gone before TRL starts (24 GiB hold both barely)
     trl = None if python is None else bench_trl(a, rows, python)
     if python is None:
         print("  TRL: skipped (no interpreter with trl==1.12.0: see the install lines in this file's docstring)")
     elif trl is not None:
-        print(f"  TRL peak RSS {trl['peak_rss_gb']:.1f} GiB"
-              + ("  (TRL with our allocator setting, --trl-keep-memory)" if a.trl_keep_memory else ""))
+        print(f"  TRL peak RSS {trl['peak_rss_gb']:.1f} GiB")
         results["trl_peak_rss_gb"] = trl["peak_rss_gb"]
         for i, t in enumerate(trl["iter_s"]):
             g = trl["gen_s"][i] if i < len(trl["gen_s"]) else float("nan")

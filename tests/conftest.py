@@ -11,6 +11,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    # torch.distributed.checkpoint in a single process (every test outside torchrun) is intended
+    config.addinivalue_line("filterwarnings", "ignore:.*torch.distributed is disabled")
     config.addinivalue_line("markers", "slow: uses the real SmolLM2-135M-Instruct weights")
 
 
@@ -35,3 +37,4 @@ def shared_data():
     if not SHARED_DATA.exists():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+

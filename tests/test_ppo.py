@@ -1,12 +1,15 @@
 """Tests of ppo_cpe.py (SPEC 1.2, 1.3): the PPO math against slow loops and hand computations,
-the edit term's conditioning, edit selection, the EOS trick, temperature-scaled log-probs, and
-end-to-end iterations on a tiny random model (deterministic under a seed; resume continues
-identically). CPU, well under 2 minutes."""
+the edit term's conditioning, edit selection, the EOS trick, temperature-scaled log-probs, the
+reward path's failure handling against a loopback GRM server, and end-to-end iterations on a tiny
+random model (deterministic under a seed; resume continues identically). CPU."""
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,114 +199,63 @@ def tok():
     return common.load_tokenizer(common.DEFAULT_MODEL)
 
 
+TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+        "max_position_embeddings": 2048, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+
+
 def tiny_model(seed=0, value_head=False):
     torch.manual_seed(seed)
-    cfg = common.ModelConfig.from_hf(common.tiny_config("llama"))
-    model = common.Transformer(cfg, value_head=value_head).eval()
+    model = common.Transformer(common.ModelConfig.from_hf(TINY), value_head=value_head).eval()
     with torch.no_grad():  # logits of std ~1: neither one-hot nor uniform next-token distributions
         model.model.embed_tokens.weight.normal_(0, 0.1)
     return model
+
+
+def make_args(*argv, **kw):
+    args = ppo_cpe.get_args(["--reward", "rubric", *argv])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    args.precision = "fp32"
+    return args
+
+
+ENV = common.DistEnv(0, 0, 1, torch.device("cpu"))
 
 
 def test_temperature_scaled_logprobs_equal_engine_sampling_logprobs(tok):
     model = tiny_model()
     prompts = [tok("hello there, how are you")["input_ids"], tok("a b")["input_ids"]]
     gen = common.generate(model, prompts, 12, temperature=0.9, top_p=1.0, seed=1)
-    seqs = [p + t for p, t in zip(prompts, gen.tokens)]
-    starts = [len(p) for p in prompts]
+    seqs, starts = [p + t for p, t in zip(prompts, gen.tokens)], [len(p) for p in prompts]
     with torch.no_grad():
-        a, _ = ppo_cpe.response_logprobs(model, seqs, starts, 0.9)
-        b, ent = ppo_cpe.response_logprobs(model, seqs, starts, 0.9, with_entropy=True)
-        c, _ = ppo_cpe.response_logprobs(model, seqs, starts, 1.0)
+        a, ent = common.response_logprobs(model, seqs, starts, 0.9, with_entropy=True)
+        c, _ = common.response_logprobs(model, seqs, starts, 1.0)
     for i in range(2):
         eng = torch.tensor(gen.logprobs[i])
-        assert torch.allclose(a[i], eng, atol=1e-4) and torch.allclose(b[i], eng, atol=1e-4)
-        assert not torch.allclose(c[i], eng, atol=1e-3)  # the temperature matters
+        assert torch.allclose(a[i], eng, atol=1e-4) and not torch.allclose(c[i], eng, atol=1e-3)
         assert (ent[i] > 0).all()
 
 
-def test_fused_update_equals_separate_old_forwards(tok):
-    """--fused-update (one optimizer step per PPO step): the update's forwards double as pi_old and
-    V_old. The step it takes equals the unfused one's (separate no-grad forwards, then the update),
-    edits, reference KL in the reward and the critic included; the ratio is exactly 1."""
-    prompts = [tok("hello there, how are you")["input_ids"], tok("a b c")["input_ids"]]
-    sampler = tiny_model(0)
-    gen = common.generate(sampler, [p for p in prompts for _ in range(3)], 8, temperature=1.0, seed=2)
-    samples = [dict(prompt_ids=prompts[i // 3], response=y, reward=float(i % 4) - 1.5, is_edit=i in (2, 4),
-                    edit_logp=torch.randn(len(y)) - 2 if i in (2, 4) else None)
-               for i, y in enumerate(gen.tokens)]
-    env = common.dist_init()
-    args = ppo_cpe.get_args(["--minibatch-size", "6", "--micro-batch-size", "2", "--kl-coef", "0.1"])
-    results = []
-    for fuse in (True, False):
-        actor, critic, ref = tiny_model(0), tiny_model(1, value_head=True), tiny_model(0)
-        with torch.no_grad():
-            critic.value_head.weight.normal_(0, 0.5)
-        actor.train(), critic.train()
-        opt_a = torch.optim.SGD(actor.parameters(), lr=1.0)  # the weight change is minus the (clipped) gradient
-        opt_c = torch.optim.SGD(critic.parameters(), lr=1.0)
-        args.fused_update = fuse
-        fused = ppo_cpe.fused_forwards(args, env, actor, critic, samples)
-        assert (fused is not None) == fuse
-        b = ppo_cpe.prepare_advantages(args, env, actor, critic, ref, samples, fused)
-        stats = ppo_cpe.ppo_update(args, 0, env, actor, critic, opt_a, opt_c, b, fused)
-        results.append((b, stats, actor.state_dict(), critic.state_dict()))
-    (b1, s1, a1, c1), (b0, s0, a0, c0) = results
-    for k in ("old_logp", "values", "advantages", "returns"):
-        assert torch.allclose(b1[k], b0[k], atol=1e-5), k
-    assert s1["ratio_mean"] == 1.0 and s1["clipfrac"] == 0.0 and s1["approx_kl"] == 0.0
-    assert s0["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
-    for k in ("pg_loss", "vf_loss", "edit_ratio_mean", "grad_norm"):
-        assert s1[k] == pytest.approx(s0[k], rel=1e-4, abs=1e-6), k
-    for w1, w0 in ((a1, a0), (c1, c0)):
-        assert all(torch.allclose(w1[k], w0[k], atol=1e-6) for k in w1)
-    moved = tiny_model(0).state_dict()
-    assert any((a1[k] - moved[k]).abs().max() > 1e-4 for k in a1)  # it did take a step
-    args.minibatch_size = 3  # two optimizer steps per PPO step: nothing to fuse
-    args.fused_update = True
-    assert ppo_cpe.fused_forwards(args, env, actor, critic, samples) is None
-
-
-def test_shared_prompt_packing_equals_whole_sequences():
-    """response_logprobs / response_values store a prompt shared by several samples once
-    (common.pack_shared_prompts); log-probs, entropies, values and gradients equal those of every
-    sequence run whole (a wrong prediction position or position offset would break this)."""
+def test_values_with_shared_prompts_equal_whole_sequences():
+    """response_values stores a prompt shared by several samples once; values and gradients equal
+    those of every sequence run whole (a wrong prediction position or offset would break this)."""
     torch.manual_seed(0)
-    p1, p2, p3 = [torch.randint(3, 200, (n,)).tolist() for n in (11, 7, 5)]
-    resp = [torch.randint(3, 200, (n,)).tolist() for n in (4, 6, 1, 3, 5)]
-    seqs = [p1 + resp[0], p2 + resp[1], p1 + resp[2], p3 + resp[3], p1 + resp[4]]
-    starts = [11, 7, 11, 5, 11]
-    ids, cu, parents, pos, targets, sizes = common.pack_shared_prompts(seqs, starts)
-    assert ids.shape[1] == 11 + sum(map(len, resp)) + 7 + 5 and sizes == [4, 6, 1, 3, 5]
-    assert parents is not None and sum(q >= 0 for q in parents) == 3  # p1's three samples
-    actor, critic = tiny_model(), tiny_model(seed=1, value_head=True)
+    p1, p2 = [torch.randint(3, 200, (n,)).tolist() for n in (20, 7)]
+    resp = [torch.randint(3, 200, (n,)).tolist() for n in (4, 6, 1, 3)]
+    seqs, starts = [p1 + resp[0], p2 + resp[1], p1 + resp[2], p1 + resp[3]], [20, 7, 20, 20]
+    critic = tiny_model(seed=1, value_head=True)
     with torch.no_grad():
         critic.value_head.weight.normal_(0, 1.0)
-    lp, ent = ppo_cpe.response_logprobs(actor, seqs, starts, 0.9, with_entropy=True, entropy_grad=True)
     vals = ppo_cpe.response_values(critic, seqs, starts)
-    (sum(x.sum() for x in lp) + sum(x.sum() for x in ent) + sum(x.sum() for x in vals)).backward()
-    grads = [p.grad.clone() for p in list(actor.parameters()) + list(critic.parameters()) if p.grad is not None]
-    actor.zero_grad(), critic.zero_grad()
-    total = 0
-    for seq, st, a, e, v in zip(seqs, starts, lp, ent, vals):
-        ref = torch.log_softmax(actor(torch.tensor([seq]))[0, st - 1:-1] / 0.9, -1)
-        ref_lp = ref.gather(-1, torch.tensor(seq[st:])[:, None])[:, 0]
-        ref_ent = -(ref.exp() * ref).sum(-1)
-        ref_v = critic.values(torch.tensor([seq]))[0, st - 1:-1]
-        assert torch.allclose(a, ref_lp, atol=1e-5) and torch.allclose(e, ref_ent, atol=1e-5)
-        assert torch.allclose(v, ref_v, atol=1e-5)
-        total = total + ref_lp.sum() + ref_ent.sum() + ref_v.sum()
-    total.backward()
-    ref_grads = [p.grad for p in list(actor.parameters()) + list(critic.parameters()) if p.grad is not None]
-    for g, r in zip(grads, ref_grads):
-        assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-7
-
-
-def make_args(**kw):
-    args = ppo_cpe.get_args(["--reward", "rubric"])
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    sum(v.sum() for v in vals).backward()
+    grads = [p.grad.clone() for p in critic.parameters()]
+    critic.zero_grad()
+    ref = [critic.values(torch.tensor([q]))[0, st - 1:-1] for q, st in zip(seqs, starts)]
+    sum(r.sum() for r in ref).backward()
+    assert all(torch.allclose(v, r, atol=1e-5) for v, r in zip(vals, ref))
+    assert all((g - p.grad).abs().max() <= 1e-4 * p.grad.abs().max() + 1e-7 for g, p in zip(grads, critic.parameters()))
 
 
 def planted_batch(tok, actor, critic):
@@ -312,29 +264,11 @@ def planted_batch(tok, actor, critic):
     x_edit = ppo_cpe.edit_prompt_ids(tok, {"Name": "Ana"}, "What should I cook?", "Pasta.", "Be specific.")
     y = [tok("Pasta with beans.")["input_ids"], tok("Rice.")["input_ids"], tok("Try a lentil soup.")["input_ids"]]
     with torch.no_grad():
-        pi_e = common.sequence_logprobs(actor, [x_edit + y[2]], [len(x_edit)], 0.9)[0]
+        pi_e = common.response_logprobs(actor, [x_edit + y[2]], [len(x_edit)], 0.9)[0][0]
     samples = [dict(prompt_ids=x, response=y[0], reward=1.0, is_edit=False, edit_logp=None),
                dict(prompt_ids=x, response=y[1], reward=-1.0, is_edit=False, edit_logp=None),
                dict(prompt_ids=x, response=y[2], reward=2.0, is_edit=True, edit_logp=pi_e)]
-    env = common.DistEnv(0, 0, 1, torch.device("cpu"))
-    b = ppo_cpe.prepare_advantages(make_args(), env, actor, critic, None, samples)
-    return b, x, x_edit, y
-
-
-def test_bt_reward_with_shared_prompts_equals_each_sequence_alone(tok):
-    """--reward bt scores a batch whose samples share prompts with one packed forward (prefixes
-    once, common.pack_shared_prefixes); each reward equals the value head at the last token of its
-    sequence run alone."""
-    rm = tiny_model(seed=3, value_head=True)
-    with torch.no_grad():
-        rm.value_head.weight.normal_(0, 1.0)
-    persona = {"Name": "Ana", "Demographics": {"Career_Information": "nurse"}}
-    cases = [(persona, "What should I cook?", "Pasta."), (persona, "What should I cook?", "Lentil soup, quickly."),
-             ({"Name": "Bo"}, "How do I rest?", "Sleep early."), (persona, "What should I cook?", "Rice.")]
-    got = [r for r, _, _ in ppo_cpe.judge(make_args(reward="bt", grm_batch_size=8), (rm, tok), cases, False, 0, {})]
-    with torch.no_grad():
-        want = [float(rm.values(torch.tensor([ppo_cpe.bt_ids(tok, *c)]))[0, -1]) for c in cases]
-    assert got == pytest.approx(want, abs=1e-5) and len(set(round(x, 4) for x in got)) == 4
+    return ppo_cpe.prepare_advantages(make_args(), ENV, actor, critic, None, samples), x, x_edit, y
 
 
 def test_edit_numerator_is_conditioned_on_the_original_prompt(tok):
@@ -342,8 +276,8 @@ def test_edit_numerator_is_conditioned_on_the_original_prompt(tok):
     b, x, x_edit, y = planted_batch(tok, actor, critic)
     with torch.no_grad():
         o = ppo_cpe.microbatch_losses(make_args(), actor, critic, b, [2])
-        under_x = common.sequence_logprobs(actor, [x + y[2]], [len(x)], 0.9)[0]
-        under_edit = common.sequence_logprobs(actor, [x_edit + y[2]], [len(x_edit)], 0.9)[0]
+        under_x = common.response_logprobs(actor, [x + y[2]], [len(x)], 0.9)[0][0]
+        under_edit = common.response_logprobs(actor, [x_edit + y[2]], [len(x_edit)], 0.9)[0][0]
     n = len(y[2])
     assert torch.allclose(o["logp"][0, :n], under_x, atol=1e-5)
     assert not torch.allclose(under_x, under_edit, atol=1e-3)
@@ -362,7 +296,7 @@ def test_edit_clip_flag_changes_only_the_edit_term(tok):
 
     def grads(edit_clip, rows):
         actor.zero_grad()
-        o = ppo_cpe.microbatch_losses(make_args(edit_clip=edit_clip), actor, None, b, rows)
+        o = ppo_cpe.microbatch_losses(make_args(edit_clip=edit_clip), actor, critic, b, rows)
         (o["pg"] * o["mask"]).sum().backward()
         return o, torch.cat([p.grad.flatten() for p in actor.parameters() if p.grad is not None])
 
@@ -370,21 +304,57 @@ def test_edit_clip_flag_changes_only_the_edit_term(tok):
     o_clip, g_orig_clip = grads(True, [0, 1])
     assert torch.equal(o_free["pg"], o_clip["pg"]) and torch.equal(g_orig_free, g_orig_clip)
     e_free, g_edit_free = grads(False, [2])
-    e_clip, g_edit_clip = grads(True, [2])
+    e_clip, _ = grads(True, [2])
     n = len(y[2])
     assert not torch.allclose(e_free["pg"][0, :n], e_clip["pg"][0, :n])
     assert e_clip["edit_bound"][0, :n].float().mean() > 0.5  # the clamp binds (logged as edit_clip_bound_frac)
     assert g_edit_free.abs().sum() > 0
 
 
+def test_bt_reward_with_shared_prompts_equals_each_sequence_alone(tok):
+    rm = tiny_model(seed=3, value_head=True)
+    with torch.no_grad():
+        rm.value_head.weight.normal_(0, 1.0)
+    persona = {"Name": "Ana", "Demographics": {"Career_Information": "nurse"}}
+    cases = [(persona, "What should I cook?", "Pasta."), (persona, "What should I cook?", "Lentil soup, quickly."),
+             ({"Name": "Bo"}, "How do I rest?", "Sleep early."), (persona, "What should I cook?", "Rice.")]
+    got = [r for r, _, _ in ppo_cpe.judge(make_args(reward="bt"), (rm, tok), cases, False, 0)]
+    with torch.no_grad():
+        want = [float(rm.values(torch.tensor([common.response_ids(tok, *c)]))[0, -1]) for c in cases]
+    assert got == pytest.approx(want, abs=1e-5) and len(set(round(x, 4) for x in got)) == 4
+
+
 def test_eos_trick_in_scoring():
     args = make_args()
     persona = {"Name": "Ana", "Demographics": {"Age": 30}}
     cases = [(persona, "How do I boil an egg?", "Put the egg in boiling water for eight minutes, then cool it.")] * 2
-    counts = {"parse_fail": 0, "endpoint_fail": 0}
-    rewards, scores = ppo_cpe.score_responses(args, None, cases, [True, False], 0, counts)
+    rewards, scores = ppo_cpe.score_responses(args, None, cases, [True, False], 0)
     assert float(rewards[1]) == args.eos_penalty and scores[1] is None
     assert scores[0] is not None and float(rewards[0]) == pytest.approx(common.grm_reward(scores[0]))
+
+
+def test_minibatches_are_counted_as_the_release_counts(tok):
+    """--minibatch-size counts prompts: one optimizer step per minibatch_size x samples sequences,
+    edits included (128 prompts x 4 samples + 256 edits, minibatch 64 -> 3 steps in the release)."""
+    actor, critic = tiny_model(0), tiny_model(1, value_head=True)
+    b, *_ = planted_batch(tok, actor, critic)  # 3 sequences
+    for mb, samples, want in ((1, 1, 3), (1, 2, 2), (2, 2, 1)):
+        args = make_args(minibatch_size=mb, samples=samples)
+        opt_a, opt_c = torch.optim.SGD(actor.parameters(), lr=0.0), torch.optim.SGD(critic.parameters(), lr=0.0)
+        assert ppo_cpe.ppo_update(args, 0, ENV, actor, critic, opt_a, opt_c, b)["minibatches"] == want
+
+
+@pytest.mark.parametrize("budget", [64, 100000])
+def test_update_does_not_depend_on_the_micro_token_budget(tok, budget):
+    """Token-bounded micro-batches: the same step with every sequence alone or all in one pass."""
+    results = []
+    for mtb in (budget, 100000):
+        actor, critic = tiny_model(0), tiny_model(1, value_head=True)
+        b, *_ = planted_batch(tok, actor, critic)
+        opt_a, opt_c = torch.optim.SGD(actor.parameters(), lr=1.0), torch.optim.SGD(critic.parameters(), lr=1.0)
+        ppo_cpe.ppo_update(make_args(micro_token_budget=mtb, minibatch_size=4), 0, ENV, actor, critic, opt_a, opt_c, b)
+        results.append(actor.state_dict())
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in results[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,9 +365,8 @@ def test_eos_trick_in_scoring():
 def tiny_run_inputs(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("ppo")
     model = tiny_model(0)
-    # make the end-of-turn token likely (~0.4 after these prompts; its logit is the hidden state's
-    # dot product with its tied embedding row, negative here: hence the sign), so that some
-    # rollouts stop and get scored and some hit the cap
+    # make the end-of-turn token likely (its logit is the hidden state's dot product with its tied
+    # embedding row, negative here: hence the sign), so that some rollouts stop and some hit the cap
     with torch.no_grad():
         model.model.embed_tokens.weight[common.stop_token_ids(tok)] *= -7
     common.save_model(model, tok, root / "sft")
@@ -407,95 +376,163 @@ def tiny_run_inputs(tmp_path_factory, tok):
     with open(root / "prompts.jsonl", "w") as f:
         for p in personas:
             for q in questions:
-                f.write(json.dumps({"user_id": p["Name"], "persona": p, "question": q, "category": "general"}) + "\n")
+                f.write(json.dumps({"user_id": p["Name"], "persona": p, "question": q}) + "\n")
     return root
 
 
-def run_ppo(root, out, *extra):
+BASE = ["--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6", "--minibatch-size", "1",
+        "--micro-token-budget", "128", "--actor-lr", "1e-3", "--critic-lr", "1e-3", "--log-samples", "1"]
+
+
+def run_ppo(root, out, *extra, reward="rubric"):
     ppo_cpe.main(["--sft", str(root / "sft"), "--prompts", str(root / "prompts.jsonl"), "--out", str(out),
-                  "--reward", "rubric", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6",
-                  "--minibatch-size", "3", "--micro-batch-size", "2", "--actor-lr", "1e-3", "--critic-lr", "1e-3",
-                  "--log-samples", "0", *extra])
+                  "--reward", reward, *BASE, *extra])
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    for r in rows:
-        for k in [k for k in r if k.startswith("time")]:
-            r.pop(k)
-    return rows
+    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
 
 
 def actor_weights(out):
-    return common.load_model(str(out / "actor"))[0].state_dict()
+    return common.read_hf_state(out / "actor")
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_run_inputs, tmp_path_factory):
-    """A 2-step run, and a run stopped after its step-1 checkpoint (as if killed during step 2)
-    then resumed to step 2. Both use the full Critique-Post-Edit path (conditional selection)."""
-    tmp = tmp_path_factory.mktemp("runs")
-    flags = ["--save-every", "1", "--edit-strategy", "conditional"]
-    full = run_ppo(tiny_run_inputs, tmp / "full", "--max-steps", "2", *flags)
-    cut = run_ppo(tiny_run_inputs, tmp / "cut", "--max-steps", "1", *flags)
-    resumed = run_ppo(tiny_run_inputs, tmp / "cut", "--max-steps", "2", "--resume", *flags)
-    return tmp, full, cut, resumed
+def full_run(tiny_run_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    return out, run_ppo(tiny_run_inputs, out, "--max-steps", "3", "--save-every", "1", "--edit-strategy", "conditional")
 
 
-def test_full_iteration_is_deterministic(runs, tiny_run_inputs):
-    tmp, full, cut, _ = runs
-    assert cut[0] == full[0]  # two runs, same seed: the same iteration, every logged number equal
+def test_full_iteration_is_deterministic_and_trains(full_run, tiny_run_inputs, tmp_path):
+    out, full = full_run
+    again = run_ppo(tiny_run_inputs, tmp_path / "again", "--max-steps", "3", "--stop-at-step", "1",
+                    "--edit-strategy", "conditional")
+    assert again[0] == full[0]  # two runs, same seed: the same iteration, every logged number equal
     row = full[0]
     assert row["orig_count"] == 4 and row["edit_count"] == 2  # floor(0.5 x 4) edits added
-    assert row["ratio_mean"] == pytest.approx(1.0, abs=0.3)
+    assert row["minibatches"] == 3  # 6 sequences, 1 prompt x 2 samples per minibatch
     assert 0 < row["orig_eos_rate"] < 1  # some rollouts stopped (scored), some got the EOS penalty
-    w0 = common.load_model(str(tiny_run_inputs / "sft"))[0].state_dict()
-    w1 = actor_weights(tmp / "full")
-    assert any(not torch.equal(w1[k], w0[k]) for k in w1)  # it did train
+    w0, w1 = common.read_hf_state(tiny_run_inputs / "sft"), actor_weights(out)
+    assert any(not torch.equal(w1[k], w0[k]) for k in w1)
 
 
-def test_resume_after_stop_continues_identically(runs):
-    tmp, full, _, resumed = runs
-    assert [r["step"] for r in resumed] == [1, 2]
-    assert resumed == full
-    wf, wr = actor_weights(tmp / "full"), actor_weights(tmp / "cut")
+def test_resume_after_kill_continues_identically_and_logs_each_step_once(full_run, tiny_run_inputs, tmp_path):
+    out, full = full_run
+    flags = ["--max-steps", "3", "--save-every", "1", "--edit-strategy", "conditional"]
+    cut = tmp_path / "cut"
+    run_ppo(tiny_run_inputs, cut, *flags, "--stop-at-step", "2")
+    with open(cut / "metrics.jsonl", "a") as f:  # killed during step 3, after it was logged
+        f.write(json.dumps({"step": 3, "orig_reward": 99.0}) + "\n")
+    resumed = run_ppo(tiny_run_inputs, cut, *flags, "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed == full
+    wf, wr = actor_weights(out), actor_weights(cut)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
-
-
-def test_save_every_zero_checkpoints_only_at_the_end(tiny_run_inputs, tmp_path):
-    rows = run_ppo(tiny_run_inputs, tmp_path / "o", "--max-steps", "2", "--save-every", "0", "--no-edit")
-    assert [r["step"] for r in rows] == [1, 2]
-    assert sorted(d.name for d in (tmp_path / "o").glob("ckpt_*")) == ["ckpt_000002"]
-    assert (tmp_path / "o" / "actor" / "config.json").exists()
+    samples = [json.loads(line)["step"] for line in open(cut / "samples.jsonl")]
+    assert samples == sorted(samples) and samples.count(3) == samples.count(1)
+    with pytest.raises(common.DataError, match="other settings.*actor_lr"):
+        run_ppo(tiny_run_inputs, cut, *flags, "--resume", "--actor-lr", "5e-4")
+    with pytest.raises(common.DataError, match="finished run"):
+        run_ppo(tiny_run_inputs, cut, *flags)
 
 
 def test_missing_inputs_name_the_command(tmp_path):
-    with pytest.raises(SystemExit, match="python sft.py"):
+    with pytest.raises(common.DataError, match="python sft.py"):
         ppo_cpe.main(["--sft", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="python train_grm.py"):
+    with pytest.raises(common.DataError, match="--grm"):
         ppo_cpe.main(["--sft", common.DEFAULT_MODEL, "--grm", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
 
 
-def test_torchrun_fsdp2_fused_update_equals_separate_forwards(tiny_run_inputs, tmp_path):
-    """2 processes (gloo, FSDP2), one optimizer step per PPO step: the fused update (each rank's
-    batch in one micro-batch) takes the step the separate forwards take; with several micro-batches
-    per rank it falls back to them (FSDP2 cannot run a backward after a later forward)."""
-    root = tiny_run_inputs
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "ppo_cpe.py", "--sft", str(root / "sft"), "--prompts", str(root / "prompts.jsonl"),
-                "--reward", "rubric", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6",
-                "--minibatch-size", "6", "--actor-lr", "1e-3", "--critic-lr", "1e-3", "--max-steps", "2",
-                "--log-samples", "0"]
-    runs = {}
-    for name, extra in (("fused", ["--micro-batch-size", "3"]),
-                        ("separate", ["--micro-batch-size", "3", "--no-fused-update"]),
-                        ("fallback", ["--micro-batch-size", "1"])):
-        r = subprocess.run(torchrun + ["--out", str(tmp_path / name), *extra], capture_output=True, text=True,
-                           timeout=300, cwd=os.path.dirname(ppo_cpe.__file__),
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
-    assert [r["ratio_mean"] for r in runs["fused"]] == [1.0, 1.0]  # pi_old is the update's own forward
-    for a, b in zip(runs["fused"], runs["separate"]):
-        assert a["pg_loss"] == pytest.approx(b["pg_loss"], rel=1e-4)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    wf, ws = actor_weights(tmp_path / "fused"), actor_weights(tmp_path / "separate")
-    assert all(torch.allclose(wf[k], ws[k], atol=1e-5) for k in wf)
-    assert runs["fallback"][0]["pg_loss"] == pytest.approx(runs["separate"][0]["pg_loss"], rel=1e-4)
+@pytest.mark.parametrize("flags", [["--samples", "0"], ["--edit-ratio", "1.5"], ["--top-p", "0"],
+                                   ["--max-reward-fail", "-0.1"], ["--actor-lr", "0"], ["--micro-token-budget", "0"]])
+def test_bad_flags_are_refused(flags):
+    proc = subprocess.run([sys.executable, "ppo_cpe.py", *flags], cwd=Path(ppo_cpe.__file__).parent,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the reward path against a loopback GRM server (issue 25: a failed judge is never a reward)
+# ---------------------------------------------------------------------------------------------
+
+GOOD = "<critique>Shorter, please. Delete the last sentence.</critique>\n<scores>\nHelpfulness: 2\n" \
+       "Personalization: 1\nNatural: 3\n</scores>"
+
+
+class GRMServer:
+    """Answers chat completions from a script of behaviours, one per request, separately for the
+    scoring calls (temperature 0) and the critique calls: 'ok', 'noscores' (a reply cut inside its
+    critique, numbers and all), 'http500', 'http401', 'badjson'."""
+
+    def __init__(self, scoring, critique=("ok",)):
+        self.scripts, self.requests = {"score": list(scoring), "critique": list(critique)}, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                kind = "score" if body["temperature"] == 0 else "critique"
+                server.requests.append((kind, body))
+                script = server.scripts[kind]
+                what = script.pop(0) if len(script) > 1 else script[0]
+                text = {"ok": GOOD, "noscores": "<critique>Helpfulness 4 before the deduction of"}.get(what, GOOD)
+                code, payload = {"http500": (500, "oops"), "http401": (401, '{"error": "bad key"}'),
+                                 "badjson": (200, '{"choices": [')}.get(
+                    what, (200, json.dumps({"choices": [{"message": {"content": text}}]})))
+                data = payload.encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+
+
+def run_grm(root, out, server, *extra):
+    return run_ppo(root, out, "--max-steps", "1", "--grm-url", server.url, "--grm-retries", "1",
+                   "--grm-timeout", "5", "--eos-penalty", "-5", *extra, reward="grm")
+
+
+def test_unparseable_reply_drops_its_prompt_group_and_is_counted(tiny_run_inputs, tmp_path, no_proxy):
+    server = GRMServer(["noscores", "ok"])
+    try:
+        row = run_grm(tiny_run_inputs, tmp_path / "o", server, "--max-reward-fail", "1.0", "--no-edit")[0]
+    finally:
+        server.close()
+    assert row["reward_fail"] == 1 and row["groups_dropped"] == 1
+    assert row["orig_count"] == 2  # the other prompt's two samples stay; none got a 0.0 reward
+    assert all(b["temperature"] == 0 and b["top_p"] == 1.0 for _, b in server.requests)
+
+
+@pytest.mark.parametrize("failure", ["http500", "http401", "badjson", "noscores"])
+def test_every_call_failing_stops_the_run_with_an_error(tiny_run_inputs, tmp_path, no_proxy, failure):
+    server = GRMServer([failure])
+    try:
+        with pytest.raises(SystemExit, match="reward calls failed"):
+            run_grm(tiny_run_inputs, tmp_path / "o", server, "--no-edit")
+    finally:
+        server.close()
+    assert not (tmp_path / "o" / "actor").exists()  # nothing was trained or saved
+    retried = sum(k == "score" for k, _ in server.requests)
+    assert retried >= (2 if failure in ("http500", "badjson") else 1)  # 401 is not retried
+
+
+def test_failed_critique_makes_no_edit(tiny_run_inputs, tmp_path, no_proxy):
+    server = GRMServer(["ok"], critique=["http500"])
+    try:
+        row = run_grm(tiny_run_inputs, tmp_path / "o", server, "--edit-ratio", "1.0")[0]
+    finally:
+        server.close()
+    assert row["critique_fail"] >= 1 and row["edit_count"] == 0 and row["edit_candidates"] == 0

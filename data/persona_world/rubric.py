@@ -754,8 +754,3 @@ def rubric_grm_output(persona, question, response, tokenizer=None):
     from common import format_grm_output
     critique, scores = rubric_judge(persona, question, response, tokenizer)
     return format_grm_output(critique, scores)
-
-
-def rubric_reward(persona, question, response, tokenizer=None):
-    """The scalar reward of the rubric (an offline stand-in for the GRM reward in PPO)."""
-    return weighted_score(rubric_judge(persona, question, response, tokenizer)[1])
