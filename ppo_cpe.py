@@ -351,9 +351,12 @@ def judge(args, rm, cases, sampled, seed):
     if args.grm_url:  # a served GRM (vLLM or any OpenAI-compatible server)
         def call(case):
             try:
+                # every sampling parameter explicit: vLLM fills the ones a request leaves out from the
+                # GRM's generation_config.json, which would silently change the greedy scoring
                 reply = common.chat_completion(args.grm_url, args.grm_model, grm_messages(*case, args.grm_single_turn),
-                                               temperature=temperature, top_p=1.0, max_tokens=args.grm_max_new_tokens,
-                                               timeout=args.grm_timeout, retries=args.grm_retries, seed=seed)
+                                               temperature=temperature, top_p=1.0, top_k=-1, repetition_penalty=1.0,
+                                               max_tokens=args.grm_max_new_tokens, timeout=args.grm_timeout,
+                                               retries=args.grm_retries, seed=seed)
                 return reply["choices"][0]["message"]["content"] or ""
             except (common.EndpointError, KeyError, IndexError, TypeError) as e:
                 print0(f"GRM call failed: {str(e)[:300]}")

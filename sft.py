@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, PRECISIONS, DataError, MetricsLogger, all_reduce_sum, autocast, check_resume,
+from common import (DEFAULT_MODEL, PRECISIONS, DataError, MetricsLogger, adamw, all_reduce_sum, autocast, check_resume,
                     conversation_ids_and_mask, cosine_lr, dist_cleanup, dist_init, grm_messages,
                     latest_checkpoint, load_tokenizer, load_trainable, load_training_state, main_guard,
                     micro_batches, pack, persona_messages, predictions, prepare_out, print0, prune_checkpoints,
-                    read_jsonl, require_field, resolve_precision, save_model, save_training_state, adamw)
+                    read_jsonl, require_field, resolve_precision, save_model, save_training_state)
 
 REPO = Path(__file__).resolve().parent
 

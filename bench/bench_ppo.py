@@ -154,9 +154,8 @@ def bench_ours(a, rows):
                                            torch.tensor(gen.stopped), args.eos_penalty)
         samples = [dict(prompt_ids=x[2], response=y, reward=float(r), is_edit=False, edit_logp=None)
                    for x, y, r in zip(rollouts, gen.tokens, scores)]
-        t = time.time()
         b = ppo_cpe.prepare_advantages(args, env, actor, critic, ref, samples)  # old log-probs, values, ref
-        split["score"] += time.time() - t
+        split["score"] = time.time() - t
         t = time.time()
         ppo_cpe.ppo_update(args, it, env, actor, critic, opt_a, opt_c, b)
         split["update"] = time.time() - t

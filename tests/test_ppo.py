@@ -513,7 +513,8 @@ def test_unparseable_reply_drops_its_prompt_group_and_is_counted(tiny_run_inputs
         server.close()
     assert row["reward_fail"] == 1 and row["groups_dropped"] == 1
     assert row["orig_count"] == 2  # the other prompt's two samples stay; none got a 0.0 reward
-    assert all(b["temperature"] == 0 and b["top_p"] == 1.0 for _, b in server.requests)
+    assert all(b["temperature"] == 0 and b["top_p"] == 1.0 and b["top_k"] == -1 and b["repetition_penalty"] == 1.0
+               for _, b in server.requests)
 
 
 @pytest.mark.parametrize("failure", ["http500", "http401", "badjson", "noscores"])
