@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -503,59 +502,26 @@ def _reply(content, logprobs=None):
     return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
-class ChatServer:
-    """Speaks POST /v1/chat/completions. `script` is a list of actions consumed one per request
-    (the last one repeats): ("json", body) | ("status", code) | ("garbage",) | ("sleep", s, body)."""
-
-    def __init__(self, script):
-        self.script, self.requests, self.lock = list(script), [], threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-                    action = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                try:
-                    if action[0] == "sleep":
-                        time.sleep(action[1])
-                        action = ("json", action[2])
-                    if action[0] == "status":
-                        data, code = json.dumps({"error": {"message": f"status {action[1]}"}}).encode(), action[1]
-                    else:
-                        data, code = b"{not json" if action[0] == "garbage" else json.dumps(action[1]).encode(), 200
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def chat_server():
-    servers = []
-
+def chat_server(loopback):
+    """chat_server(script) speaks POST /v1/chat/completions; `script` is a list of actions consumed one
+    per request (the last one repeats): ("json", body) | ("status", code) | ("garbage",) | ("sleep", s, body)."""
     def start(script):
-        servers.append(ChatServer(script))
-        return servers[-1]
-    yield start
-    for s in servers:
-        s.close()
+        script, lock = list(script), threading.Lock()
+
+        def respond(request):
+            with lock:
+                action = script.pop(0) if len(script) > 1 else script[0]
+            if action[0] == "sleep":
+                time.sleep(action[1])
+                action = ("json", action[2])
+            if action[0] == "status":
+                return action[1], {"error": {"message": f"status {action[1]}"}}
+            return 200, b"{not json" if action[0] == "garbage" else action[1]
+        server = loopback(respond)
+        server.script = script  # a test may load a new script
+        return server
+    return start
 
 
 ITEM = ({"Name": "Ana"}, "How do I start running?", "Answer one", "Answer two")

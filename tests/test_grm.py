@@ -8,9 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -267,18 +265,17 @@ def test_annotate_moves_train_rows_that_a_held_out_pair_holds(tmp_path):
     assert [r["split"] for r in rows if r["response"] == "BAD shared."] == ["eval", "eval"]
 
 
-class FakeTeacher(BaseHTTPRequestHandler):
+class FakeTeacher:
     """An OpenAI-compatible /chat/completions; the answer being judged picks the failure:
     FLAKY: HTTP 500 once, then fine; DENY: 401; GARBLED: a body that is not JSON; NOSCORES: a
     reply without scores; SLOW: answers after the client's timeout. healed: all answer well."""
     requests, flaky_seen, healed, keys = [], set(), False, set()
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        answer = body["messages"][-1]["content"].rsplit("\n", 1)[-1]
-        cls = FakeTeacher
+    @classmethod
+    def respond(cls, request):
+        answer = request["body"]["messages"][-1]["content"].rsplit("\n", 1)[-1]
         cls.requests.append(answer)
-        cls.keys.add(self.headers.get("Authorization"))
+        cls.keys.add(request["auth"])
         status, text = 200, fake_teacher_reply(answer)
         if not cls.healed and "FLAKY" in answer and answer not in cls.flaky_seen:
             cls.flaky_seen.add(answer)
@@ -291,29 +288,15 @@ class FakeTeacher(BaseHTTPRequestHandler):
             time.sleep(1.0)
         elif not cls.healed and "NOSCORES" in answer:
             text = "<critique>Fine.</critique>"
-        data = (b"{oops" if not cls.healed and "GARBLED" in answer else
-                json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            pass  # the client gave up (SLOW)
-
-    def log_message(self, *a):
-        pass
+        if not cls.healed and "GARBLED" in answer:
+            return status, b"{oops"
+        return status, {"choices": [{"message": {"role": "assistant", "content": text}}]}
 
 
 @pytest.fixture
-def fake_teacher():
+def fake_teacher(loopback):
     FakeTeacher.requests, FakeTeacher.flaky_seen, FakeTeacher.healed, FakeTeacher.keys = [], set(), False, set()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTeacher)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
-    server.server_close()
+    return loopback(FakeTeacher.respond).url
 
 
 def test_annotate_endpoint_failures_are_counted_and_retried_by_a_rerun(tmp_path, fake_teacher, monkeypatch):

@@ -4,8 +4,6 @@ on a tiny random model."""
 import copy
 import json
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -337,36 +335,18 @@ def test_bad_flags_stop_before_any_model_loads(argv, flag, capsys, monkeypatch):
 # ---- the OpenAI-compatible endpoint (a loopback server) and resumable generation ----------------
 
 @pytest.fixture
-def server():
+def server(loopback):
     """A /v1 server on 127.0.0.1 that wants the key sk-test; the answer to problem 'pN' is \\boxed{N}."""
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            if self.headers.get("Authorization") != "Bearer sk-test":
-                code, reply = 401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}
-            else:
-                prompt = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
-                text = f"so \\boxed{{{prompt.split()[0][1:]}}}"
-                choice = {"text": text} if "prompt" in body else {"message": {"role": "assistant", "content": text}}
-                code, reply = 200, {"choices": [{**choice, "finish_reason": "stop"}], "usage": {"completion_tokens": 4}}
-            data = json.dumps(reply).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_port}/v1", seen=seen)
-    httpd.shutdown()
-    httpd.server_close()
+    def respond(request):
+        body = request["body"]
+        if request["auth"] != "Bearer sk-test":
+            return 401, {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}
+        prompt = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
+        text = f"so \\boxed{{{prompt.split()[0][1:]}}}"
+        choice = {"text": text} if "prompt" in body else {"message": {"role": "assistant", "content": text}}
+        return 200, {"choices": [{**choice, "finish_reason": "stop"}], "usage": {"completion_tokens": 4}}
+    srv = loopback(respond)
+    return SimpleNamespace(url=srv.url, seen=srv.requests)
 
 
 def _endpoint_args(server, *more):

@@ -9,9 +9,7 @@ import math
 import random
 import shutil
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -402,60 +400,34 @@ KEY = "sk-test-4f1d0c9e"
 class Server:
     """Answers POSTs from a script of behaviours: 'ok', 'http500', 'http429' (Retry-After: 1),
     'http400', 'http401', 'badjson', 'nochoices', 'slow' (sleeps past the client timeout, then
-    answers)."""
+    answers). requests: (path, headers, body, arrival time)."""
 
-    def __init__(self):
-        self.script, self.requests = [], []
-        server = self
+    def __init__(self, loopback):
+        self.script = []
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+        def respond(request):
+            what = self.script.pop(0) if self.script else "ok"
+            if what == "slow":
+                time.sleep(1.0)
+                what = "ok"
+            code, payload = {"ok": (200, OK_REPLY), "http500": (500, "internal oops"),
+                             "http429": (429, "slow down"), "http400": (400, '{"error": "bad max_tokens"}'),
+                             "http401": (401, '{"error": "invalid api key"}'),
+                             "badjson": (200, '{"choices": [tru'),
+                             "nochoices": (200, '{"error": "overloaded"}')}[what]
+            return (code, payload, {"Retry-After": "1"}) if what == "http429" else (code, payload)
+        self.loop = loopback(respond)
+        self.url = self.loop.url
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append((self.path, dict(self.headers), body, time.monotonic()))
-                what = server.script.pop(0) if server.script else "ok"
-                if what == "slow":
-                    time.sleep(1.0)
-                    what = "ok"
-                code, payload = {"ok": (200, json.dumps(OK_REPLY)), "http500": (500, "internal oops"),
-                                 "http429": (429, "slow down"), "http400": (400, '{"error": "bad max_tokens"}'),
-                                 "http401": (401, '{"error": "invalid api key"}'),
-                                 "badjson": (200, '{"choices": [tru'),
-                                 "nochoices": (200, '{"error": "overloaded"}')}[what]
-                data = payload.encode()
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    if what == "http429":
-                        self.send_header("Retry-After", "1")
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+    @property
+    def requests(self):
+        return [(r["path"], r["headers"], r["body"], r["time"]) for r in self.loop.requests]
 
 
 @pytest.fixture
-def server(monkeypatch):
-    for var in ("no_proxy", "NO_PROXY"):  # never send 127.0.0.1 through a proxy
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
+def server(loopback, monkeypatch):
     monkeypatch.setenv("TEST_KEY", KEY)
-    s = Server()
-    yield s
-    s.close()
+    return Server(loopback)
 
 
 def call(server, **kw):

@@ -4,11 +4,8 @@ reward path's failure handling against a loopback GRM server, and end-to-end ite
 random model (deterministic under a seed; resume continues identically). CPU."""
 import json
 import math
-import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -456,48 +453,23 @@ GOOD = "<critique>Shorter, please. Delete the last sentence.</critique>\n<scores
        "Personalization: 1\nNatural: 3\n</scores>"
 
 
-class GRMServer:
-    """Answers chat completions from a script of behaviours, one per request, separately for the
-    scoring calls (temperature 0) and the critique calls: 'ok', 'noscores' (a reply cut inside its
-    critique, numbers and all), 'http500', 'http401', 'badjson'."""
+def grm_server(loopback, scoring, critique=("ok",)):
+    """A GRM answering chat completions from a script of behaviours, one per request (the last one
+    repeats), separately for the scoring calls (temperature 0) and the critique calls: 'ok',
+    'noscores' (a reply cut inside its critique, numbers and all), 'http500', 'http401', 'badjson'.
+    .calls(): (kind, body) of every request."""
+    scripts = {"score": list(scoring), "critique": list(critique)}
 
-    def __init__(self, scoring, critique=("ok",)):
-        self.scripts, self.requests = {"score": list(scoring), "critique": list(critique)}, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                kind = "score" if body["temperature"] == 0 else "critique"
-                server.requests.append((kind, body))
-                script = server.scripts[kind]
-                what = script.pop(0) if len(script) > 1 else script[0]
-                text = {"ok": GOOD, "noscores": "<critique>Helpfulness 4 before the deduction of"}.get(what, GOOD)
-                code, payload = {"http500": (500, "oops"), "http401": (401, '{"error": "bad key"}'),
-                                 "badjson": (200, '{"choices": [')}.get(
-                    what, (200, json.dumps({"choices": [{"message": {"content": text}}]})))
-                data = payload.encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def no_proxy(monkeypatch):
-    for var in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
+    def respond(request):
+        kind = "score" if request["body"]["temperature"] == 0 else "critique"
+        request["kind"] = kind
+        what = scripts[kind].pop(0) if len(scripts[kind]) > 1 else scripts[kind][0]
+        text = {"ok": GOOD, "noscores": "<critique>Helpfulness 4 before the deduction of"}.get(what, GOOD)
+        return {"http500": (500, "oops"), "http401": (401, '{"error": "bad key"}'),
+                "badjson": (200, '{"choices": [')}.get(what, (200, {"choices": [{"message": {"content": text}}]}))
+    server = loopback(respond)
+    server.calls = lambda: [(r["kind"], r["body"]) for r in server.requests]
+    return server
 
 
 def run_grm(root, out, server, *extra):
@@ -505,35 +477,26 @@ def run_grm(root, out, server, *extra):
                    "--grm-timeout", "5", "--eos-penalty", "-5", *extra, reward="grm")
 
 
-def test_unparseable_reply_drops_its_prompt_group_and_is_counted(tiny_run_inputs, tmp_path, no_proxy):
-    server = GRMServer(["noscores", "ok"])
-    try:
-        row = run_grm(tiny_run_inputs, tmp_path / "o", server, "--max-reward-fail", "1.0", "--no-edit")[0]
-    finally:
-        server.close()
+def test_unparseable_reply_drops_its_prompt_group_and_is_counted(tiny_run_inputs, tmp_path, loopback):
+    server = grm_server(loopback, ["noscores", "ok"])
+    row = run_grm(tiny_run_inputs, tmp_path / "o", server, "--max-reward-fail", "1.0", "--no-edit")[0]
     assert row["reward_fail"] == 1 and row["groups_dropped"] == 1
     assert row["orig_count"] == 2  # the other prompt's two samples stay; none got a 0.0 reward
     assert all(b["temperature"] == 0 and b["top_p"] == 1.0 and b["top_k"] == -1 and b["repetition_penalty"] == 1.0
-               for _, b in server.requests)
+               for _, b in server.calls())
 
 
 @pytest.mark.parametrize("failure", ["http500", "http401", "badjson", "noscores"])
-def test_every_call_failing_stops_the_run_with_an_error(tiny_run_inputs, tmp_path, no_proxy, failure):
-    server = GRMServer([failure])
-    try:
-        with pytest.raises(SystemExit, match="reward calls failed"):
-            run_grm(tiny_run_inputs, tmp_path / "o", server, "--no-edit")
-    finally:
-        server.close()
+def test_every_call_failing_stops_the_run_with_an_error(tiny_run_inputs, tmp_path, loopback, failure):
+    server = grm_server(loopback, [failure])
+    with pytest.raises(SystemExit, match="reward calls failed"):
+        run_grm(tiny_run_inputs, tmp_path / "o", server, "--no-edit")
     assert not (tmp_path / "o" / "actor").exists()  # nothing was trained or saved
-    retried = sum(k == "score" for k, _ in server.requests)
+    retried = sum(k == "score" for k, _ in server.calls())
     assert retried >= (2 if failure in ("http500", "badjson") else 1)  # 401 is not retried
 
 
-def test_failed_critique_makes_no_edit(tiny_run_inputs, tmp_path, no_proxy):
-    server = GRMServer(["ok"], critique=["http500"])
-    try:
-        row = run_grm(tiny_run_inputs, tmp_path / "o", server, "--edit-ratio", "1.0")[0]
-    finally:
-        server.close()
+def test_failed_critique_makes_no_edit(tiny_run_inputs, tmp_path, loopback):
+    server = grm_server(loopback, ["ok"], critique=["http500"])
+    row = run_grm(tiny_run_inputs, tmp_path / "o", server, "--edit-ratio", "1.0")[0]
     assert row["critique_fail"] >= 1 and row["edit_count"] == 0 and row["edit_candidates"] == 0
