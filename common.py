@@ -174,9 +174,8 @@ class Decoder(nn.Module):  # the HF "model." prefix
 
 class Transformer(nn.Module):
     """Decoder-only LM, `model(input_ids)` -> fp32 logits. Packed: input_ids [1, T] holds documents back to back,
-    cu_seqlens their bounds; attention stays within a document and positions restart (section 3). No padding mask
-    anywhere. A value model (critic, Bradley-Terry RM) has a scalar head, zero at init so a fresh critic predicts 0
-    (SPEC 1.3), and no output layer."""
+    cu_seqlens their bounds (section 3); no padding mask anywhere. A value model (critic, Bradley-Terry RM) has no
+    output layer and a scalar head, zero at init so a fresh critic predicts 0 (SPEC 1.3)."""
 
     def __init__(self, cfg: ModelConfig, value_head=False):
         super().__init__()
@@ -277,8 +276,7 @@ def load_tokenizer(name_or_path):
     return __import__("transformers").AutoTokenizer.from_pretrained(str(resolve_checkpoint(name_or_path)))
 
 def load_model(name_or_path=None, device="cpu", dtype=torch.float32, value_head=False):
-    """(model, tokenizer) from an HF folder, the embedded default name, or a hub id (online only). value_head=True: a
-    value model (no output layer; a new zero head unless the folder has one)."""
+    """(model, tokenizer) from an HF folder, the embedded default or a hub id; value_head=True: a value model."""
     folder = resolve_checkpoint(name_or_path or DEFAULT_MODEL)
     cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
     with torch.device("meta"):
@@ -289,8 +287,7 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32, value_head=
     return model.to(device=device, dtype=dtype).eval(), load_tokenizer(folder)
 
 def fit_state(model, state, folder):
-    """The checkpoint's tensors that this model has, checked: a missing tensor is an error, the output layer of a value
-    model and a tied lm_head are dropped, a missing value head is new."""
+    """The checkpoint's tensors this model has (a value model drops the output layer; a missing head is new)."""
     wanted = model.state_dict().keys()
     if "value_head.weight" in wanted and "value_head.weight" not in state:
         state["value_head.weight"] = torch.zeros(1, model.config.hidden_size)
@@ -301,9 +298,8 @@ def fit_state(model, state, folder):
     return {k: state[k] for k in wanted}
 
 def save_model(model, tokenizer, out_dir, max_shard_bytes=4 << 30):
-    """Write an HF checkpoint that transformers and vLLM load (plus value_head.safetensors for value models) into
-    out_dir, whose metrics and checkpoints stay. Staged, then moved in weights first, config.json last. Under
-    torchrun every rank calls it (the FSDP2 gather is collective)."""
+    """An HF checkpoint that transformers and vLLM load (+ value_head.safetensors) in out_dir, beside its metrics;
+    staged, then moved in weights first, config.json last. Under torchrun every rank calls it."""
     from safetensors.torch import save_file
     state, out_dir = full_state_dict(model), Path(out_dir)
     if is_rank0():
@@ -469,6 +465,12 @@ def response_logprobs(model, seqs, starts, temperature=1.0, with_entropy=False, 
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):  # its graph is a [tokens, vocab] tensor
         return logp, list((-(logp_all.exp() * logp_all).sum(-1)).split(sizes))
 
+def last_token_values(model, seqs):
+    """A value model's output at each sequence's last token [n] (a scalar reward), one packed forward."""
+    packed = pack(seqs, next(model.parameters()).device, share_prefix=True)
+    return model.values(packed.input_ids, packed.cu_seqlens, packed.parents,
+                        select=torch.stack([w[-1] for w in packed.where]))
+
 def micro_batches(seqs, token_budget, share_prefix=False):
     """Index lists, in order, each packing to <= token_budget tokens (a longer sequence alone)."""
     out, current = [], []
@@ -490,8 +492,7 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
-        self.rows = torch.arange(batch, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.lengths, self.rows = torch.zeros(batch, device=device).int(), torch.arange(batch, device=device)
         self.max_length, self.plan = 0, None  # host copy of lengths.max(); this step's (write slots, mask)
         self.static = False  # CUDA graph: no host-side lengths; every step attends over max_len
 
@@ -579,8 +580,7 @@ class CudaGraphStep:
 Generation = namedtuple("Generation", "tokens logprobs stopped watched", defaults=(None,))
 
 def sample_categorical(probs, generator):
-    """One index per row of unnormalised probs [B, V]: the first whose running sum (float64) passes a uniform draw
-    times the total; one draw per row (torch.multinomial draws V); never a zero."""
+    """Per row of unnormalised probs [B, V], the first index whose float64 running sum passes uniform x total."""
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
@@ -630,7 +630,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_id
     h = model.hidden_states(packed.input_ids, packed.cu_seqlens, packed.parents, cache=cache)
     logits = model.lm_head_logits(h[0, torch.stack([w[-1] for w in packed.where])])
     graph_step = CudaGraphStep.for_call(model, cache, max_new_tokens, cuda_graph)
-
     out_tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     out_logprobs = torch.zeros(B, max_new_tokens, device=device)
     watch = torch.tensor(list(watch_ids or []), dtype=torch.long, device=device)
@@ -882,10 +881,10 @@ def autocast(device, precision):  # the training forwards run under it; a no-op 
 def is_fsdp(model):
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
-def load_trainable(name, env, precision="fp32", value_head=False, checkpointing=False):
-    """(model, tokenizer) to train on env.device (fp32 weights unless "bf16"). Under torchrun: FSDP2 (`fully_shard` per
-    block, then the root), built on the meta device and sharded first, then rank 0 reads the checkpoint on CPU and
-    broadcasts it shard by shard: no GPU holds a full copy."""
+def load_trainable(name, env, precision="fp32", value_head=False, checkpointing=False, freeze_layers=0):
+    """(model, tokenizer) to train (fp32 weights unless "bf16"; the embeddings and bottom freeze_layers blocks fixed).
+    Under torchrun FSDP2 per block, then the root: built on the meta device, sharded, then filled shard by shard
+    from rank 0's CPU copy of the checkpoint, so no GPU ever holds a full copy."""
     folder = resolve_checkpoint(name)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if env.world_size == 1:
@@ -909,6 +908,8 @@ def load_trainable(name, env, precision="fp32", value_head=False, checkpointing=
         tok = load_tokenizer(folder)
     for block in model.layers:
         block.checkpointing = checkpointing
+    for module in [model.model.embed_tokens, *model.layers[:freeze_layers]] if freeze_layers else []:
+        module.requires_grad_(False)  # the embedding is the tied output layer too
     return model.train(), tok
 
 def full_state_dict(model):
@@ -919,8 +920,7 @@ def full_state_dict(model):
 
 @contextlib.contextmanager
 def unsharded(model):
-    """Inside this block (entered by every rank) an FSDP2 model holds its full parameters in the compute dtype:
-    generation needs it, ranks stop at different lengths and must not all-gather."""
+    """Every rank's FSDP2 model holds its full (compute-dtype) parameters in this block: ranks generate apart."""
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.set_reshard_after_forward(False, recurse=False)

@@ -66,7 +66,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (DEFAULT_MODEL, DataError, EndpointError, append_jsonl, chat_completion, chat_prompt_ids,
+from common import (DEFAULT_MODEL, DataError, append_jsonl, chat_completion, chat_prompt_ids,
                     conversation_ids_and_mask, drop_torn_tail, endpoint_request, generate, json_clean,
                     load_model, main_guard, map_concurrent, micro_batches, read_jsonl, response_logprobs,
                     save_model, stop_token_ids, write_jsonl)
@@ -710,10 +710,7 @@ def main(argv=None):
             ("eval_student", evaluate, dict(model=out / "student_sft", eval_files=args.eval_files,
                                             output=out / "eval_student"))]}
     for tag, fn, paths in steps[args.step]:
-        try:
-            summary = run_step(args, tag, fn, **paths)
-        except EndpointError as e:  # a refused key or a dead server: one line, like bad data
-            raise DataError(str(e)) from None
+        summary = run_step(args, tag, fn, **paths)  # a refused endpoint: one line via common.main_guard
         if args.step == "all" and fn is filter_step and summary["kept"] == 0:
             raise DataError(f"the filter kept no sample of {paths['data'][0]}: nothing to fine-tune on; raise "
                             f"--max-new-tokens / --mid-max-new-tokens or use a stronger --teacher")

@@ -383,12 +383,9 @@ def grm_scores(model, tokenizer, items, batch_size=8, max_new_tokens=512, score=
 def rm_scores(model, tokenizer, items, token_budget=8192, desc="rm"):
     """A scalar (Bradley-Terry) reward model: the value at the response's end-of-turn token."""
     seqs = [common.response_ids(tokenizer, *it) for it in items]
-    device, out = next(model.parameters()).device, []
+    out = []
     for batch in tqdm(common.micro_batches(seqs, token_budget, share_prefix=True), desc=desc, unit="batch"):
-        packed = common.pack([seqs[i] for i in batch], device, share_prefix=True)
-        last = torch.stack([w[-1] for w in packed.where])
-        out += [{"score": v} for v in model.values(packed.input_ids, packed.cu_seqlens, packed.parents,
-                                                    select=last).tolist()]
+        out += [{"score": v} for v in common.last_token_values(model, [seqs[i] for i in batch]).tolist()]
     return out
 
 def rubric_scores(items, desc="rubric"):
@@ -438,7 +435,7 @@ def judge_pairs(items, kind, judge, desc="judge"):
 # ---------------------------------------------------------------------------------------------
 # Judging in chunks, each appended to the judgments file when done; failures counted (issue 25)
 
-def prepare_out(out_dir, cmd, fresh_files):
+def fresh_out(out_dir, cmd, fresh_files):
     """Check that --out is writable before any model loads: create it, start the given files
     empty and remove an old summary (a failed run must not leave a previous metric behind)."""
     out = Path(out_dir)
@@ -643,7 +640,7 @@ def run_accuracy(args):
                         f"split {args.split}")
     print(f"{len(cases)} cases from {args.data}; judge: {judge_description(args)}")
     print_list(f"{len(skipped)} bad lines skipped (--skip-bad):", skipped)
-    out = prepare_out(args.out, "accuracy", ["accuracy_judgments.jsonl"])
+    out = fresh_out(args.out, "accuracy", ["accuracy_judgments.jsonl"])
     kind, judge, _ = build_judge(args, "accuracy")
 
     t1, n_planned = time.time(), len(cases) * (2 if args.order == "both" else 1)
@@ -676,7 +673,7 @@ def run_winrate(args):
     answers, bad = read_answers(args.answers, rows, args.skip_bad) if args.answers else (None, [])
     skipped += bad
     print_list(f"{len(skipped)} bad lines skipped (--skip-bad):", skipped)
-    out = prepare_out(args.out, "winrate", ["winrate_judgments.jsonl"] + ["winrate_answers.jsonl"] * (not args.answers))
+    out = fresh_out(args.out, "winrate", ["winrate_judgments.jsonl"] + ["winrate_answers.jsonl"] * (not args.answers))
     tokenizer = None
     if answers is None:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]

@@ -36,7 +36,6 @@ The paper's 7B run (SPEC 1.3), 8 GPUs for actor + critic (FSDP2), the GRM served
 (`python memory_plan.py --stage ppo` shows the per-GPU memory of this command.)
 """
 import argparse
-import json
 import math
 import random
 import shutil
@@ -343,9 +342,7 @@ def judge(args, rm, cases, sampled, seed):
         seqs, rewards = [common.response_ids(tok, *c) for c in cases], []
         with torch.no_grad():
             for mb in micro_batches(seqs, args.micro_token_budget, share_prefix=True):
-                packed = pack([seqs[i] for i in mb], model.output_weight().device, share_prefix=True)
-                last = torch.stack([w[-1] for w in packed.where])
-                rewards += model.values(packed.input_ids, packed.cu_seqlens, packed.parents, select=last).tolist()
+                rewards += common.last_token_values(model, [seqs[i] for i in mb]).tolist()
         return [(r, None, "") for r in rewards]
     temperature = args.critique_temperature if sampled else 0.0
     if args.grm_url:  # a served GRM (vLLM or any OpenAI-compatible server)

@@ -219,13 +219,6 @@ def eval_loss(model, docs, args, env, precision):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def freeze_bottom(model, n_layers):
-    """Train only the blocks above the first n_layers (and the final norm and head)."""
-    if n_layers > 0:
-        model.model.embed_tokens.weight.requires_grad_(False)  # tied to the output layer when tied
-        for block in model.model.layers[:n_layers]:
-            block.requires_grad_(False)
-
 
 # ------------------------------------------------------------------------------ main
 def main(argv=None):
@@ -267,8 +260,8 @@ def main(argv=None):
             "seed": args.seed, "share_prefix": args.share_prefix, "freeze_layers": args.freeze_layers,
             "precision": precision, "world_size": env.world_size}
     torch.manual_seed(args.seed)
-    model, _ = load_trainable(args.model, env, precision, checkpointing=args.checkpointing)
-    freeze_bottom(model, args.freeze_layers)
+    model, _ = load_trainable(args.model, env, precision, checkpointing=args.checkpointing,
+                              freeze_layers=args.freeze_layers)
     optimizer = adamw(model, args.lr, args.weight_decay)
     start_step, ckpt = 0, latest_checkpoint(out) if args.resume else None
     if ckpt is not None:

@@ -289,22 +289,9 @@ def annotate(args, pairs, out_path, judge=None):
 # ---------------------------------------------------------------------------------------------
 # bt: the Bradley-Terry scalar reward model (SPEC 1.1 baseline, SPEC 1.4 ablation)
 
-def freeze_bottom(model, n_layers):
-    """Train only the blocks above the first n_layers (and the final norm and the value head): the
-    backward stops early, which roughly halves a CPU step."""
-    for module in [model.model.embed_tokens, *model.layers[:n_layers]] if n_layers else []:
-        module.requires_grad_(False)
-
 def bt_loss(r_chosen, r_rejected):
     """Bradley-Terry loss, mean over pairs: -log sigmoid(r_chosen - r_rejected) (SPEC 1.1)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-def sequence_rewards(model, seqs):
-    """The value head at each sequence's last token [n], in one packed forward; the prompt that a
-    pair's two answers share is computed once (exact, common.pack)."""
-    packed = common.pack(seqs, next(model.parameters()).device, share_prefix=True)
-    last = torch.stack([w[-1] for w in packed.where])
-    return model.values(packed.input_ids, packed.cu_seqlens, packed.parents, select=last)
 
 def pairwise_accuracy(chosen, rejected) -> float:
     """Fraction of pairs where chosen scores higher; a tie counts half (a coin flip)."""
@@ -318,7 +305,7 @@ def bt_eval(model, tok, pairs, env, token_budget, precision):
     rewards = []
     with torch.no_grad(), common.unsharded(model), common.autocast(env.device, precision):
         for idx in common.micro_batches(seqs, token_budget, share_prefix=True):  # ranks may differ in count
-            rewards += sequence_rewards(model, [seqs[i] for i in idx]).float().tolist()
+            rewards += common.last_token_values(model, [seqs[i] for i in idx]).float().tolist()
     rows = [{"tier": str(p.get("tier")), "c": rewards[2 * j], "r": rewards[2 * j + 1],
              "chars": (len(p["chosen"]), len(p["reject"]))} for j, p in enumerate(mine)]
     if env.world_size > 1:
@@ -348,7 +335,8 @@ def run_bt(args, env):
         raise DataError(f"--freeze-layers {args.freeze_layers}: {args.model} has only {n_layers} blocks")
 
     precision = common.resolve_precision(args.precision, env.device)
-    model, tok = common.load_trainable(args.model, env, precision, value_head=True, checkpointing=args.checkpointing)
+    model, tok = common.load_trainable(args.model, env, precision, value_head=True, checkpointing=args.checkpointing,
+                                       freeze_layers=args.freeze_layers)
     seqs = [[common.response_ids(tok, p["persona"], p["question"], p[s]) for s in ("chosen", "reject")] for p in train]
     n_long = sum(max(map(len, pair)) > args.max_len for pair in seqs)
     seqs = [pair for pair in seqs if max(map(len, pair)) <= args.max_len]
@@ -356,7 +344,6 @@ def run_bt(args, env):
            f"precision {precision}, {env.world_size} rank(s)")
     if not seqs:
         raise DataError(f"no training pairs in {' '.join(args.pairs)} (split 'train', <= --max-len tokens)")
-    freeze_bottom(model, args.freeze_layers)
     opt = common.adamw(model, args.lr, args.weight_decay)
     G, W = args.global_batch, env.world_size
     steps_per_epoch = math.ceil(len(seqs) / G)
@@ -387,7 +374,7 @@ def run_bt(args, env):
         for j in range(n_passes):
             part = [mine[i] for i in per_rank[env.rank][j]] if j < len(per_rank[env.rank]) else []
             with common.autocast(env.device, precision):
-                r = sequence_rewards(model, [x for i in (part or step_pairs[:1]) for x in seqs[i]]).float()
+                r = common.last_token_values(model, [x for i in (part or step_pairs[:1]) for x in seqs[i]]).float()
             loss = bt_loss(r[0::2], r[1::2])
             # weighted by the pass's share of the step's pairs, so that the sum over passes and ranks
             # is the exact mean over the step; FSDP2 averages gradients over ranks: hence the W

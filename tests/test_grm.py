@@ -407,7 +407,7 @@ def test_bt_packed_loss_and_gradients_match_a_slow_reference(tiny_model_dir):
         model.value_head.weight.normal_()
     pairs = make_pairs(3, tie_every=0)
     seqs = [common.response_ids(tok, p["persona"], p["question"], p[s]) for p in pairs for s in ("chosen", "reject")]
-    r = train_grm.sequence_rewards(model, seqs)  # packed, the shared prompts stored once
+    r = common.last_token_values(model, seqs)  # packed, the shared prompts stored once
     loss = train_grm.bt_loss(r[0::2], r[1::2])
     loss.backward()
     fast = [p.grad.clone() for p in model.parameters()]

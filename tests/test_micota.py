@@ -365,7 +365,7 @@ def test_completions_endpoint_sends_key_and_surfaces_401(server, monkeypatch, tm
                            "top_p": 1.0}
     assert chat["path"] == "/v1/chat/completions" and chat["auth"] == "Bearer sk-test"
     monkeypatch.setenv("MICOTA_TEST_KEY", "sk-wrong")
-    with pytest.raises(dm.EndpointError, match="401.*Incorrect API key provided") as e:
+    with pytest.raises(common.EndpointError, match="401.*Incorrect API key provided") as e:
         dm.ask_endpoint(args, server.url, "p7", False, 8)
     assert "sk-wrong" not in str(e.value)
     # the command line: one line on stderr with the server's message, exit code 2

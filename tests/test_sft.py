@@ -4,7 +4,6 @@ random models with the embedded default's tokenizer.
     python -m pytest -x -q tests/test_sft.py
 """
 import json
-import os
 import signal
 import subprocess
 import sys
