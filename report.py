@@ -18,6 +18,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--out", default="out", help="the pipeline's output root")
 parser.add_argument("--policies", default="base,sft,ppo_cpe,ppo_grm,ppo_bt",
                     help="comma list of out/eval/<name> folders, in table order")
+parser.add_argument("--title", default="Quickstart report", help="the report's heading")
 parser.add_argument("--ppo-runs", default="ppo_cpe,ppo_grm,ppo_bt", help="comma list of out/<name> PPO runs")
 args = parser.parse_args()
 root = Path(args.out)
@@ -29,7 +30,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-lines = ["# Quickstart report", "",
+lines = [f"# {args.title}", "",
          "Policies answer the persona world's held-out prompts (temperature 0.8, top-p 0.9); the rubric "
          "judges each answer against the reference answer (SPEC 1.4 LC win rate) and scores it per dimension.", "",
          "| policy | n | LC win rate % (95% CI) | raw win rate % | mean length (tokens) | "
@@ -41,8 +42,10 @@ for name in args.policies.split(","):
         continue
     s = json.loads((folder / "winrate_summary.json").read_text())
     judged = read_jsonl(folder / "winrate_judgments.jsonl")
-    persona = {r["question"]: r["persona"] for r in read_jsonl(s["eval_file"])}
-    scores = [rubric_judge(persona[j["question"]], j["question"], j["answer"])[1] for j in judged]
+    eval_rows = read_jsonl(s["eval_file"])  # by row index: personas share general questions
+    if any(eval_rows[j["idx"]]["question"] != j["question"] for j in judged):
+        raise SystemExit(f"{folder}: its judgments do not match the rows of {s['eval_file']}")
+    scores = [rubric_judge(eval_rows[j["idx"]]["persona"], j["question"], j["answer"])[1] for j in judged]
     mean = {d: sum(x[d] for x in scores) / len(scores) for d in DIMS}
     weighted = 0.35 * mean["Helpfulness"] + 0.40 * mean["Personalization"] + 0.25 * mean["Natural"]
     tokens = s.get("mean_len_tokens_model")

@@ -715,3 +715,34 @@ def test_bad_lines_and_paths(tmp_path, capsys):
     ]:
         status, err = _guarded(argv + (["--out", str(out)] if "--out" not in argv else []), capsys)
         assert status == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_report_scores_each_answer_with_its_own_rows_persona(tmp_path):
+    """Held-out personas share general questions: report.py must re-judge answer i with row i's
+    persona, not with whichever persona last asked the same question; mismatched rows are refused."""
+    from data.persona_world.rubric import rubric_judge
+    personas = [json.loads(line)["persona"] for line in open(ROOT / "data" / "persona_world" / "personas.jsonl")]
+    avoids = [p for p in personas if "exclamation" in p["Checkable_Preferences"]["avoid"]]
+    others = [p for p in personas if "exclamation" not in p["Checkable_Preferences"]["avoid"]]
+    question, answer = "How can I sleep better?", "Great idea! Keep a fixed bedtime, dim the lights and skip late coffee."
+    rows = [{"persona": avoids[0], "question": question, "response": "Keep a fixed bedtime."},
+            {"persona": others[0], "question": question, "response": "Keep a fixed bedtime."}]
+    expected = [rubric_judge(r["persona"], question, answer)[1]["Personalization"] for r in rows]
+    assert expected[0] != expected[1]
+    folder = tmp_path / "out" / "eval" / "sft"
+    folder.mkdir(parents=True)
+    common.write_jsonl(tmp_path / "eval.jsonl", rows)
+    (folder / "winrate_summary.json").write_text(json.dumps(
+        {"n": 2, "lc_winrate": 50.0, "lc_ci95": [0.0, 100.0], "winrate": 50.0, "mean_len_tokens_model": 16,
+         "eval_file": str(tmp_path / "eval.jsonl")}))
+    judged = [{"idx": i, "question": question, "answer": answer} for i in range(2)]
+    common.write_jsonl(folder / "winrate_judgments.jsonl", judged)
+    cmd = [sys.executable, "report.py", "--out", str(tmp_path / "out"), "--policies", "sft", "--ppo-runs", "none"]
+    report = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    row = next(line for line in report.stdout.splitlines() if line.startswith("| sft | 2 |"))
+    assert row.split(" | ")[6] == f"{sum(expected) / 2:+.2f}"
+    judged[1]["question"] = "Something else?"
+    common.write_jsonl(folder / "winrate_judgments.jsonl", judged)
+    report = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode != 0 and "do not match" in report.stderr

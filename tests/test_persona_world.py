@@ -489,3 +489,30 @@ def test_no_single_critique_opening_dominates_the_grm_data():
     assert max(openings.values()) < 0.2 * len(train), max(openings.items(), key=lambda kv: kv[1])
     unfinished = sum("middle of a sentence" in r["critique"] for r in train)
     assert 0 < unfinished < 0.15 * len(train)
+
+
+def test_draw_pair_prefers_a_longer_chosen_answer_only_when_asked():
+    """--pairs_prefer_longer (the ablation's world): the chosen side is the longer one whenever a
+    tier has such a pair; without the flag the draw is the plain seeded choice it always was."""
+    import random
+    short, mid, long_ = ("a", "one two", 3.0), ("b", "one two three four", 2.0), ("c", "x " * 9, 1.0)
+    pairs = [(short, mid), (short, long_), (mid, long_), (long_, short)]
+    for seed in range(20):
+        assert prepare.draw_pair(random.Random(seed), pairs, True) == (long_, short)
+        assert prepare.draw_pair(random.Random(seed), pairs) == random.Random(seed).choice(pairs)
+    no_longer = [(short, mid), (mid, long_)]
+    assert prepare.draw_pair(random.Random(0), no_longer, True) == random.Random(0).choice(no_longer)
+
+
+def test_eval_questions_sets_the_reference_answered_questions_per_eval_persona(tmp_path, model_and_tokenizer):
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        prepare.main(["--limit", "1", "--gen_specific", "1", "--gen_general", "0", "--max_new_tokens", "4",
+                      "--n_train", "2", "--n_eval", "2", "--threads", "1", "--eval_questions", "3",
+                      "--variants", "0", "--out_dir", str(tmp_path)], model_and_tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    evals, sft = rows_of(tmp_path / "eval.jsonl"), rows_of(tmp_path / "sft.jsonl")
+    assert len(sft) == 1 and len(evals) == 3 and len({r["user_id"] for r in evals}) == 1
+    assert [r["category"] for r in evals] == ["specific", "specific", "general"]

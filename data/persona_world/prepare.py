@@ -60,6 +60,13 @@ parser.add_argument("--batch_size", type=int, default=16, help="prompts per gene
 parser.add_argument("--variants", type=int, default=3,
                     help="rule-based variants per prompt (besides the cleaned edit), see README")
 parser.add_argument("--pairs_per_prompt", type=int, default=3, help="at most one pair per tier")
+parser.add_argument("--pairs_prefer_longer", action="store_true",
+                    help="per tier, draw a pair whose chosen answer is the longer one when there is "
+                         "such a pair (human preference data favours longer answers; the ablation "
+                         "uses it so that a Bradley-Terry model can learn the length shortcut)")
+parser.add_argument("--eval_questions", type=int, default=0,
+                    help="questions with a reference answer per eval persona, half specific "
+                         "(0 = --gen_specific + --gen_general, as for train personas)")
 parser.add_argument("--model", type=str, default=None,
                     help="model name or HF folder (default: common.DEFAULT_MODEL)")
 parser.add_argument("--limit", type=int, default=0,
@@ -458,6 +465,13 @@ def tier_of(gap):
     return "hard"
 
 
+def draw_pair(rng, pairs, prefer_longer=False):
+    """One (chosen, reject) of a tier's candidates (x[1] is the text); prefer_longer draws among the
+    pairs whose chosen answer has more words, when there are any."""
+    longer = [(a, b) for a, b in pairs if len(a[1].split()) > len(b[1].split())]
+    return rng.choice(longer if prefer_longer and longer else pairs)
+
+
 def main(argv=None, model_and_tokenizer=None):
     """Build the files. Tests pass argv and an already loaded (model, tokenizer)."""
     args = parser.parse_args(argv)
@@ -487,8 +501,10 @@ def main(argv=None, model_and_tokenizer=None):
         if args.limit:
             rows = rows[:args.limit]
         for row in rows:
-            for q, category, kind in pick_for_generation(make_questions(args.seed, row),
-                                                         args.gen_specific, args.gen_general):
+            n_spec, n_gen = args.gen_specific, args.gen_general
+            if split == "eval" and args.eval_questions:
+                n_spec, n_gen = args.eval_questions - args.eval_questions // 2, args.eval_questions // 2
+            for q, category, kind in pick_for_generation(make_questions(args.seed, row), n_spec, n_gen):
                 chosen.append((row, q, category, kind))
     temps = [float(t) for t in args.temperatures.split(",")]
     requests = []
@@ -566,7 +582,7 @@ def main(argv=None, model_and_tokenizer=None):
                     by_tier.setdefault(tier_of(a[4] - b[4]), []).append((a, b))
         for tier in ("easy", "medium", "hard")[:args.pairs_per_prompt]:
             if tier in by_tier:
-                a, b = rng.choice(by_tier[tier])
+                a, b = draw_pair(rng, by_tier[tier], args.pairs_prefer_longer)
                 pair_rows.append({"user_id": row["user_id"], "persona": persona, "question": q,
                                   "chosen": a[1], "reject": b[1], "tier": tier,
                                   "category": category, "split": split})
