@@ -33,10 +33,10 @@ if [ "${PROFILE:-cpu}" = gpu ]; then
   STEPS=${STEPS:-16}; PPO=${PPO:---prompts-per-step 8 --samples 4 --minibatch-size 8 --max-new-tokens 192}
   CAP=${CAP:-192}; FREEZE=${FREEZE:-0}; SFT_EPOCHS=${SFT_EPOCHS:-3}
 else
-  STEPS=${STEPS:-12}; PPO=${PPO:---prompts-per-step 4 --samples 2 --max-new-tokens 128}
+  STEPS=${STEPS:-8}; PPO=${PPO:---prompts-per-step 4 --samples 2 --max-new-tokens 128}
   CAP=${CAP:-128}; FREEZE=${FREEZE:-0}; SFT_EPOCHS=${SFT_EPOCHS:-2}
 fi
-PPO="$PPO --actor-lr ${ACTOR_LR:-2e-5} --critic-lr 5e-5"
+PPO="$PPO --actor-lr ${ACTOR_LR:-3e-5} --critic-lr 5e-5"
 mkdir -p "$OUT"
 TIMES=$OUT/wall_times.tsv
 
