@@ -31,11 +31,12 @@ W=$OUT/world
 SEEDS=${SEEDS:-0}
 if [ "${PROFILE:-cpu}" = gpu ]; then
   STEPS=${STEPS:-16}; PPO=${PPO:---prompts-per-step 8 --samples 4 --minibatch-size 8 --max-new-tokens 192}
-  CAP=${CAP:-192}; FREEZE=${FREEZE:-0}; SFT_EPOCHS=${SFT_EPOCHS:-3}
+  CAP=${CAP:-192}; SFT_EPOCHS=${SFT_EPOCHS:-3}
 else
   STEPS=${STEPS:-8}; PPO=${PPO:---prompts-per-step 4 --samples 2 --max-new-tokens 128}
-  CAP=${CAP:-128}; FREEZE=${FREEZE:-0}; SFT_EPOCHS=${SFT_EPOCHS:-2}
+  CAP=${CAP:-128}; SFT_EPOCHS=${SFT_EPOCHS:-2}
 fi
+FREEZE=${FREEZE:-0}
 PPO="$PPO --actor-lr ${ACTOR_LR:-3e-5} --critic-lr 5e-5"
 mkdir -p "$OUT"
 TIMES=$OUT/wall_times.tsv
@@ -67,6 +68,7 @@ evaluate() {  # evaluate NAME POLICY: rubric-judged win rate against the referen
 }
 stage eval_sft "$OUT/eval/sft/winrate_summary.json" evaluate sft "$OUT/sft"
 
+runs=""  # every PPO run, in table order
 for seed in $SEEDS; do
   sfx=$([ "$seed" = 0 ] && echo "" || echo "_s$seed")
   for arm in bt grm cpe rubric; do
@@ -77,6 +79,7 @@ for seed in $SEEDS; do
       rubric) reward="--reward rubric --no-edit" ;;
     esac
     run=ppo_$arm$sfx
+    runs="$runs,$run"
     stage "$run" "$OUT/$run/DONE" python3 ppo_cpe.py --sft "$OUT/sft" --prompts "$W/prompts.jsonl" $reward \
       --max-steps "$STEPS" --seed "$seed" $PPO --out "$OUT/$run" $(resume_flag "$OUT/$run")
     stage "eval_$run" "$OUT/eval/$run/winrate_summary.json" evaluate "$run" "$OUT/$run/actor"
@@ -90,8 +93,6 @@ stage acc_bt "$OUT/eval/acc_bt/accuracy_summary.json" python3 eval_persona.py ac
 stage acc_grm "$OUT/eval/acc_grm/accuracy_summary.json" python3 eval_persona.py accuracy --data "$W/pairs.jsonl" \
   --split eval --judge grm --model "$OUT/grm" --grm-max-new-tokens 224 --per-tier 8 --out "$OUT/eval/acc_grm"
 
-runs=""; for seed in $SEEDS; do sfx=$([ "$seed" = 0 ] && echo "" || echo "_s$seed")
-  for arm in bt grm cpe rubric; do runs="$runs,ppo_$arm$sfx"; done; done
 python3 report.py --out "$OUT" --title "Reward ablation in miniature" --policies "sft$runs" --ppo-runs "${runs#,}"
 { echo; echo "| stage | wall (s) |"; echo "|---|---:|"; awk -F'\t' '{print "| " $1 " | " $2 " |"}' "$TIMES"; } >> "$OUT/report.md"
 echo "wrote $OUT/report.md"
