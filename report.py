@@ -1,6 +1,8 @@
-"""report.py: the quickstart's results table (run.sh calls it last; SPEC 1.4 metrics).
+"""report.py: the results table of the quickstart (run.sh calls it last) and of the reward ablation
+(experiments/ablation.sh); SPEC 1.4 metrics.
 
     python report.py --out out            # reads out/eval/*, out/ppo_*/metrics.jsonl -> out/report.md
+    python report.py --out out/abl --title "Ablation" --policies sft,ppo_bt --ppo-runs ppo_bt   # any subset
 
 For each policy evaluated by `eval_persona.py winrate` into out/eval/<policy>/: LC and raw win
 rate against the persona world's reference answers, mean answer length, and the ground-truth

@@ -20,6 +20,8 @@ Run (from the repository root; single process, CPU is fine, ~10-15 min on 2 core
   python data/persona_world/prepare.py --no_model            # personas.jsonl + prompts.jsonl only
   python data/persona_world/prepare.py --limit 1 --max_new_tokens 16 --out_dir /tmp/pw  # smoke
   python data/persona_world/prepare.py --n_train 80 --n_eval 24   # a bigger world
+  python data/persona_world/prepare.py --eval_questions 8 --pairs_prefer_longer --out_dir out/ablation/world
+                                       # the reward ablation's world (experiments/ablation.sh)
 There is nothing to gain from torchrun here: it is a one-process data script.
 """
 
